@@ -1,0 +1,1 @@
+"""The `p2d` command line (installed as p2d.cli)."""

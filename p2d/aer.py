@@ -1,0 +1,85 @@
+"""AER accounting: what the whole pipeline cost against full-data, full-parameter training.
+
+AER = (T_proxy + T_localize + T_mine + T_train) / T_ref, speedup = 1 / AER. Stage times are
+wall-clock seconds of the run that produced each stage's output; a stage reused from cache keeps
+the time it cost when it ran, so a re-run reports the same cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from p2d.io import read_json, write_json
+
+STAGES = ("proxy", "localize", "mine", "train")
+
+
+@dataclass
+class StageTime:
+    seconds: float
+    gpu_seconds: float = 0.0
+
+
+class Ledger:
+    """Per-stage wall-clock (and GPU) seconds, persisted so cached stages keep their cost."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        raw = read_json(self.path) if self.path.is_file() else {}
+        self.stages = {k: StageTime(**v) for k, v in raw.items()}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if n_gpu:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        self.record(name, seconds, seconds * n_gpu)
+
+    def record(self, name: str, seconds: float, gpu_seconds: float = 0.0) -> None:
+        self.stages[name] = StageTime(seconds, gpu_seconds)
+        write_json(self.path, {k: vars(v) for k, v in self.stages.items()})
+
+
+def aer_report(ledger: Ledger, reference: dict) -> dict:
+    """The aer.json contract: stages, total, reference {seconds, method}, aer, speedup."""
+    stages = {name: vars(ledger.stages.get(name, StageTime(0.0))) for name in STAGES}
+    total = sum(s["seconds"] for s in stages.values())
+    aer = total / reference["seconds"] if reference["seconds"] > 0 else float("inf")
+    return {"stages": stages, "total_seconds": total, "reference": reference, "aer": aer,
+            "speedup": 1.0 / aer if aer > 0 else float("inf")}
+
+
+def aer_table(report: dict):
+    """A rich table of the report, for the terminal."""
+    from rich.table import Table
+
+    table = Table(title="AER: P2D end-to-end cost vs full-data full-parameter training")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("share of reference", justify="right")
+    ref = report["reference"]["seconds"]
+    for name, s in report["stages"].items():
+        table.add_row(name, f"{s['seconds']:.1f}", f"{s['seconds'] / ref:.1%}" if ref else "-")
+    table.add_row("[bold]P2D total", f"[bold]{report['total_seconds']:.1f}", f"[bold]{report['aer']:.1%}")
+    table.add_row(f"reference ({report['reference']['method']})", f"{ref:.1f}", "100.0%")
+    table.caption = f"AER = {report['aer']:.3f}   speedup = {report['speedup']:.2f}x"
+    return table
+
+
+def write_aer(out_dir: str | Path, report: dict) -> None:
+    from p2d.plots import plot_aer
+
+    out_dir = Path(out_dir)
+    write_json(out_dir / "aer.json", report)
+    plot_aer(report, out_dir / "aer.png")

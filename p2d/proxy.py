@@ -1,0 +1,60 @@
+"""The proxy run: a short, cheap fine-tune of the base that gives ALPS a task model to compare against.
+
+Attention q/k/v only, on a small slice of the domain's data: the ALPS paper (Table 10) shows that
+10% of the data or of the parameters is enough for the head ranking, so the proxy stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from p2d.geometry import AttentionGeometry
+from p2d.io import write_json
+from p2d.models import load_model
+from p2d.tokens import Example, tokenize
+
+
+@dataclass
+class ProxyConfig:
+    samples: int = 64
+    steps: int = 16
+    batch_size: int = 4
+    lr: float = 1e-4
+    max_length: int = 256
+    scope: str = "qkv"
+    seed: int = 0
+
+
+def run_proxy(base: str, examples: list[Example], out_dir: str | Path, config: ProxyConfig,
+              progress: bool = True) -> Path:
+    """Fine-tune `base` on the first `config.samples` examples; return the saved task-model directory."""
+    from p2d.masking import apply_scope
+    from p2d.trainer import TrainConfig, train
+
+    out_dir = Path(out_dir)
+    model, tok = load_model(base)
+    apply_scope(model, AttentionGeometry.from_config(model.config), config.scope)
+    data = tokenize(examples[: config.samples], tok, config.max_length)
+    result = train(model, data, tok.pad_token_id,
+                   TrainConfig(lr=config.lr, batch_size=config.batch_size, max_steps=config.steps,
+                               max_length=config.max_length, seed=config.seed, save_every=10**9),
+                   out_dir / "train", progress=progress)
+    task_dir = out_dir / "task_model"
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".task_model."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if task_dir.exists():
+            shutil.rmtree(task_dir)
+        os.replace(tmp, task_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json(out_dir / "proxy.json", {"base": base, "samples": len(data), **asdict(config),
+                                        "train": {"steps": result.steps, "seconds": result.seconds,
+                                                  "final_loss": result.final_loss}})
+    shutil.rmtree(out_dir / "train", ignore_errors=True)  # its checkpoint only served resumption
+    return task_dir
