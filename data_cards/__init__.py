@@ -1,0 +1,1 @@
+"""Domain data cards (Markdown with YAML front matter), read by p2d.cards."""

@@ -1,0 +1,322 @@
+"""Read instruction data in any common schema and turn it into prompt/response Examples.
+
+Users bring Alpaca, GSM8K, prompt/completion or chat-message files in JSON, JSONL, Parquet, CSV or
+`save_to_disk` form; everything downstream sees one `Example` type. Each record is kept unchanged
+in `Example.raw` so exports write the user's own rows back. Errors name the file, the line (or
+record) and the field, because a bad row in a 50k-row file is otherwise hard to find.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2d import P2DError
+from p2d.tokens import Example
+
+
+log = logging.getLogger(__name__)
+
+
+class DataError(P2DError):
+    """Unreadable data or a record that does not fit the schema; the message says where."""
+
+
+TEMPLATES = {
+    "alpaca": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n",
+    ),
+    "plain": ("{instruction}\n{input}\n", "{instruction}\n"),
+}
+
+# (instruction, input, output) field names, tried in order on the first record.
+SCHEMAS = (
+    ("instruction", "input", "output"),
+    ("instruction", "input", "response"),
+    ("question", None, "answer"),
+    ("prompt", None, "response"),
+    ("prompt", None, "completion"),
+    ("prompt", None, "canonical_solution"),  # HumanEval
+    ("query", None, "response"),
+)
+MESSAGE_FIELDS = ("messages", "conversations")
+ASSISTANT_ROLES = {"assistant", "gpt", "model", "bot"}
+FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".parquet", ".csv")
+HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<config>[\w.-]+))?(?::(?P<split>[\w.-]+))?$")
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which record fields hold the parts of an example: `messages`, or instruction (+input) and output."""
+
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    messages: str | None = None
+
+
+class Records(list):
+    """Records plus, where the format has them, their 1-based line numbers (for error messages)."""
+
+    def __init__(self, rows: list[dict], lines: list[int] | None = None):
+        super().__init__(rows)
+        self.lines = lines
+
+
+def _where(source: str, records: list[dict], i: int) -> str:
+    lines = getattr(records, "lines", None)
+    return f"{source}:{lines[i]}" if lines else f"{source}: record[{i}]"
+
+
+def _check_rows(source: str, rows: list, lines: list[int] | None = None) -> Records:
+    if not rows:
+        raise DataError(f"{source}: no records")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            where = f"{source}:{lines[i]}" if lines else f"{source}: record[{i}]"
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return Records(rows, lines)
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _read_jsonl(path: Path, source: str) -> Records:
+    rows, lines = [], []
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{source}:{n}: invalid JSON ({e.msg}, column {e.colno})") from e
+                lines.append(n)
+    return _check_rows(source, rows, lines)
+
+
+def _read_json(path: Path, source: str) -> Records:
+    with _open_text(path) as f:
+        text = f.read()
+    if not text.strip():
+        raise DataError(f"{source}: empty file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{source}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
+    if isinstance(data, dict):
+        key = next((k for k in ("data", "train") if isinstance(data.get(k), list)), None)
+        if key is None:
+            raise DataError(f"{source}: expected a JSON array of records or an object with a 'data' or 'train' list")
+        data = data[key]
+    if not isinstance(data, list):
+        raise DataError(f"{source}: expected a JSON array of records, got {type(data).__name__}")
+    return _check_rows(source, data)
+
+
+def _read_with_datasets(path: Path, source: str) -> Records:
+    import datasets
+
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise DataError(f"{source}: saved DatasetDict has no 'train' split (has {', '.join(ds)})")
+                ds = ds["train"]
+        else:
+            builder = "parquet" if path.suffix == ".parquet" else "csv"
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow/datasets raise many types for unreadable files
+        raise DataError(f"{source}: cannot read ({type(e).__name__}: {e})") from e
+    # CSV: header is line 1 and rows follow (assuming no multi-line cells).
+    lines = list(range(2, len(ds) + 2)) if path.suffix == ".csv" else None
+    return _check_rows(source, ds.to_list(), lines)
+
+
+def _read_hub(source: str, match: re.Match) -> Records:
+    if any(os.environ.get(v) for v in ("P2D_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        raise DataError(f"{source}: looks like a hub dataset id, but p2d is offline; pass a local file instead")
+    import datasets
+
+    split = match["split"] or "train"
+    try:
+        ds = datasets.load_dataset(match["repo"], match["config"], split=split)
+    except Exception as e:  # network, auth and missing-dataset errors all mean "use a local file"
+        raise DataError(f"{source}: the hub is unreachable or has no such dataset/split ({type(e).__name__}: {e}); "
+                        f"pass a local file instead") from e
+    return _check_rows(source, ds.to_list())
+
+
+def _suffix(path: Path) -> str:
+    return "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+
+
+def is_hub_id(source: str) -> bool:
+    """`owner/name[@config][:split]` that is not a local path (file-like suffixes mean a missing file)."""
+    path = Path(source).expanduser()
+    return bool(HUB_ID.match(source)) and not path.exists() and _suffix(path) not in FILE_SUFFIXES \
+        and not source.startswith(".")
+
+
+def load_records(source: str) -> list[dict]:
+    """Rows of a local file or directory, an embedded `p2d:` source, or a hub id `owner/name[@config][:split]`."""
+    source = str(source)
+    if source.startswith("p2d:"):
+        from p2d import default_pool
+
+        if source == "p2d:default":
+            return _read_jsonl(default_pool.pool_path(), source)
+        if source.startswith("p2d:seed/"):
+            try:
+                return _check_rows(source, default_pool.build_seeds(source.removeprefix("p2d:seed/")))
+            except P2DError as e:
+                raise DataError(f"{source}: {e}") from e
+        raise DataError(f"{source}: unknown embedded source; use p2d:default or p2d:seed/<domain>")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _read_with_datasets(path, source)
+    suffixes = _suffix(path)
+    if path.is_file():
+        if suffixes in (".jsonl", ".jsonl.gz", ".ndjson"):
+            return _read_jsonl(path, source)
+        if suffixes in (".json", ".json.gz"):
+            return _read_json(path, source)
+        if suffixes in (".parquet", ".csv"):
+            if path.stat().st_size == 0:
+                raise DataError(f"{source}: empty file")
+            return _read_with_datasets(path, source)
+        raise DataError(f"{source}: unsupported file type {suffixes or '(none)'}; "
+                        f"use .json, .jsonl, .parquet, .csv, .json.gz, .jsonl.gz or a save_to_disk directory")
+    if is_hub_id(source):
+        return _read_hub(source, HUB_ID.match(source))
+    raise DataError(f"{source}: no such file or directory")
+
+
+def parse_fields(spec: FieldMap | dict | str | None) -> FieldMap | None:
+    """An explicit field map from a dict or a string like "instruction=q,output=a"."""
+    if spec is None or isinstance(spec, FieldMap):
+        return spec
+    if isinstance(spec, str):
+        pairs = [p.split("=", 1) for p in spec.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise DataError(f"field map {spec!r}: expected comma-separated key=field pairs, e.g. instruction=q,output=a")
+        spec = {k.strip(): v.strip() for k, v in pairs}
+    unknown = set(spec) - {"instruction", "input", "output", "messages"}
+    if unknown:
+        raise DataError(f"field map: unknown key(s) {', '.join(sorted(unknown))}; "
+                        f"use instruction, input, output or messages")
+    fields = FieldMap(**spec)
+    if not fields.messages and not (fields.instruction and fields.output):
+        raise DataError("field map: give either messages=<field> or both instruction=<field> and output=<field>")
+    return fields
+
+
+def detect_fields(record: dict, source: str) -> FieldMap:
+    """The schema of `record`: chat messages, or the first known (instruction, input, output) naming."""
+    for key in MESSAGE_FIELDS:
+        if isinstance(record.get(key), list):
+            return FieldMap(messages=key)
+    for instruction, input_, output in SCHEMAS:
+        if instruction in record and output in record:
+            return FieldMap(instruction, input_ if input_ in record else None, output)
+    known = "; ".join("/".join(f for f in s if f) for s in SCHEMAS) + "; messages; conversations"
+    raise DataError(f"{source}: cannot tell the schema from fields {sorted(record)}; known: {known}. "
+                    f"Pass an explicit field map, e.g. instruction=q,output=a")
+
+
+def _text(record: dict, key: str, where: str, optional: bool = False) -> str:
+    value = record.get(key)
+    if optional and value is None:
+        return ""
+    if key not in record:
+        raise DataError(f"{where}: missing field {key!r}")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {value!r:.60}")
+    return value
+
+
+def _from_messages(record: dict, key: str, where: str) -> tuple[str, str, str]:
+    """The last assistant turn is the response, the user turn before it the instruction, earlier turns the input."""
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field {key!r} must be a non-empty list of turns")
+    parsed = []
+    for j, turn in enumerate(turns):
+        role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
+        content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise DataError(f"{where}: field {key!r}[{j}] needs string 'role'/'from' and 'content'/'value'")
+        parsed.append((role.lower(), content))
+    last = max((j for j, (role, _) in enumerate(parsed) if role in ASSISTANT_ROLES), default=None)
+    if last is None or last == 0:
+        raise DataError(f"{where}: field {key!r} has no assistant turn after a prompt turn")
+    *context, (_, instruction) = parsed[:last]
+    return instruction, "\n\n".join(f"{role}: {text}" for role, text in context), parsed[last][1]
+
+
+def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:
+    """The prompt text for one example (Alpaca as in the ALPS paper, Table 9, or "plain")."""
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}; available: {', '.join(TEMPLATES)}")
+    with_input, without = TEMPLATES[template]
+    return (with_input if input.strip() else without).format(instruction=instruction, input=input)
+
+
+def to_examples(records: list[dict], source: str, fields: FieldMap | dict | str | None = None,
+                template: str = "alpaca", domain: str | None = None) -> list[Example]:
+    """Examples from records; the schema is detected on the first record unless `fields` is given.
+
+    Records with an empty instruction or response are skipped with a warning rather than failing the
+    whole file: real sets have a few (Code Alpaca 2k has two), and they carry nothing to learn.
+    Missing or non-string fields are errors, since they mean a wrong schema or field map.
+    """
+    if not records:
+        raise DataError(f"{source}: no records")
+    fields = parse_fields(fields) or detect_fields(records[0], source)
+    examples: list[Example] = []
+    seen: dict[str, int] = {}
+    empty: list[str] = []
+    for i, record in enumerate(records):
+        where = _where(source, records, i)
+        if fields.messages:
+            instruction, input_, output = _from_messages(record, fields.messages, where)
+        else:
+            instruction = _text(record, fields.instruction, where)
+            input_ = _text(record, fields.input, where, optional=True) if fields.input else ""
+            output = _text(record, fields.output, where)
+        if not instruction.strip() or not output.strip():
+            empty.append(where)
+            continue
+        id_ = str(record["id"]) if record.get("id") is not None else str(i)
+        if id_ in seen:
+            raise DataError(f"{where}: duplicate id {id_!r} (also {_where(source, records, seen[id_])})")
+        seen[id_] = i
+        record_domain = record.get("domain")
+        examples.append(Example(id=id_, prompt=format_prompt(instruction, input_, template), response=output,
+                                domain=record_domain if isinstance(record_domain, str) else domain, raw=record))
+    if empty:
+        log.warning("skipped %d record(s) with an empty instruction or response: %s", len(empty), ", ".join(empty[:5]))
+    if not examples:
+        raise DataError(f"{source}: no records with a non-empty instruction and response")
+    return examples
+
+
+def load_examples(source: str, fields: FieldMap | dict | str | None = None, template: str = "alpaca",
+                  domain: str | None = None, limit: int | None = None) -> list[Example]:
+    """`load_records` + `to_examples`; `limit` keeps the first N records."""
+    records = load_records(source)
+    if limit is not None:
+        records = Records(records[:limit], records.lines[:limit] if getattr(records, "lines", None) else None)
+    return to_examples(records, source, fields, template, domain)
