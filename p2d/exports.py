@@ -1,0 +1,132 @@
+"""The mined subset in the forms other trainers read: the original records, scores, and dataset configs.
+
+selected.jsonl holds each selected sample's record exactly as it was read (every field kept,
+nothing added) in pool order, so it diffs cleanly against the pool and is byte-identical across
+runs. The LLaMA-Factory and Axolotl entries map the pool's own field names, inferred from the
+records' keys, so the file is used as is.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from p2d import P2DError
+from p2d.io import atomic_path, write_json, write_text
+from p2d.tokens import Example
+
+# (prompt field, optional input field, response field) pairs recognised as single-turn records.
+PAIR_SCHEMAS = (
+    ("instruction", "input", "output"),
+    ("question", None, "answer"),
+    ("prompt", None, "completion"),
+    ("prompt", None, "response"),
+    ("query", None, "response"),
+    ("problem", None, "solution"),
+    ("instruction", None, "response"),
+)
+CHAT_KEYS = ("messages", "conversations")
+# Axolotl's custom single-turn format, matching the Alpaca layout the pool is usually trained with.
+PROMPT_FORMAT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def infer_schema(records: list[dict], source_format: str = "") -> dict:
+    """{"kind": "chat", "field": ..., "role": ..., "content": ...} or {"kind": "pair", "prompt": ..., "input": ..., "response": ...}."""
+    keys = set(records[0]) if records else set()
+    for r in records[1:]:
+        keys &= set(r)
+    for field in CHAT_KEYS:
+        if field in keys:
+            turn = next((t for r in records for t in r[field] if isinstance(t, dict)), {})
+            role, content = ("role", "content") if "role" in turn else ("from", "value")
+            return {"kind": "chat", "field": field, "role": role, "content": content,
+                    "system": "system" if "system" in keys else None}
+    for prompt, inp, response in PAIR_SCHEMAS:
+        if prompt in keys and response in keys:
+            return {"kind": "pair", "prompt": prompt, "input": inp if inp in keys else None, "response": response,
+                    "system": "system" if "system" in keys else None}
+    what = f" ({source_format})" if source_format else ""
+    raise P2DError(f"cannot map the pool's records{what} to a trainer schema: fields {sorted(keys)}; expected "
+                   f"{' or '.join(CHAT_KEYS)}, or one of " + ", ".join(f"{p}/{r}" for p, _, r in PAIR_SCHEMAS))
+
+
+def llamafactory_entry(schema: dict, file_name: str) -> dict:
+    if schema["kind"] == "chat":
+        entry = {"file_name": file_name, "formatting": "sharegpt", "columns": {"messages": schema["field"]}}
+        if schema["system"]:
+            entry["columns"]["system"] = schema["system"]
+        if schema["role"] == "role":
+            entry["tags"] = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                             "assistant_tag": "assistant", "system_tag": "system"}
+        return entry
+    columns = {"prompt": schema["prompt"], "response": schema["response"]}
+    if schema["input"]:
+        columns["query"] = schema["input"]
+    if schema["system"]:
+        columns["system"] = schema["system"]
+    return {"file_name": file_name, "columns": columns}
+
+
+def axolotl_dataset(schema: dict, path: str) -> dict:
+    base = {"path": path, "ds_type": "json", "split": "train"}
+    if schema["kind"] == "chat":
+        return {**base, "type": "chat_template", "field_messages": schema["field"],
+                "message_property_mappings": {"role": schema["role"], "content": schema["content"]}}
+    if schema["prompt"] == "instruction" and schema["input"] == "input" and schema["response"] == "output":
+        return {**base, "type": "alpaca"}
+    custom = {"field_instruction": schema["prompt"], "field_output": schema["response"],
+              "format": PROMPT_FORMAT, "no_input_format": PROMPT_FORMAT}
+    if schema["input"]:
+        custom["field_input"] = schema["input"]
+        custom["format"] = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    return {**base, "type": custom}
+
+
+def scores_csv(result) -> str:
+    """id, affinity, quality, score, rank, selected for every pool sample, in pool order."""
+    def num(x) -> str:
+        return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "affinity", "quality", "score", "rank", "selected"])
+    quality = result.quality if result.quality is not None else [None] * len(result.ids)
+    for i, sid in enumerate(result.ids):
+        w.writerow([sid, num(float(result.affinity[i])), num(None if quality[i] is None else float(quality[i])),
+                    num(float(result.score[i])), int(result.rank[i]), int(bool(result.selected[i]))])
+    return buf.getvalue()
+
+
+def export_subset(out_dir: str | Path, examples: list[Example], result, source_format: str = "",
+                  parquet: bool = False, dataset_name: str = "p2d_selected") -> dict[str, Path]:
+    """Write selected.jsonl, scores.csv, dataset_info.json, axolotl.yaml (and selected.parquet); return their paths."""
+    out = Path(out_dir)
+    if [e.id for e in examples] != list(result.ids):
+        raise P2DError("export: the examples are not the pool the selection was made on (ids differ)")
+    rows = [e.raw for e, keep in zip(examples, result.selected) if keep]
+    if not rows:
+        raise P2DError("export: nothing was selected")
+    schema = infer_schema(rows, source_format)
+    paths = {name: out / name for name in ("selected.jsonl", "scores.csv", "dataset_info.json", "axolotl.yaml")}
+    write_text(paths["selected.jsonl"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(paths["scores.csv"], scores_csv(result))
+    write_json(paths["dataset_info.json"], {dataset_name: llamafactory_entry(schema, "selected.jsonl")})
+    axolotl = {"datasets": [axolotl_dataset(schema, str(paths["selected.jsonl"].resolve()))]}
+    write_text(paths["axolotl.yaml"], yaml.safe_dump(axolotl, sort_keys=False, allow_unicode=True))
+    if parquet:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        paths["selected.parquet"] = out / "selected.parquet"
+        try:
+            table = pa.Table.from_pylist(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise P2DError(f"export: the selected records do not fit one Parquet schema ({e}); use selected.jsonl") from e
+        with atomic_path(paths["selected.parquet"]) as tmp:
+            pq.write_table(table, tmp)
+    return paths

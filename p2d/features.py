@@ -1,0 +1,378 @@
+"""Per-sample features from chosen attention heads (or hidden states), and a resumable feature store.
+
+A head's output is its slice of the o_proj input: the part of the attention output that head
+writes before the heads are mixed. Pooling it over the response tokens gives one vector per head
+per sample; each is L2-normalised so every head weighs the same in cosine affinity.
+
+The forward pass stops right after the deepest layer that is needed (nothing later can change
+what was captured), and the LM head runs only on response positions when a quality signal needs
+logits, so a mining pass costs a fraction of a full forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from p2d import P2DError
+from p2d.geometry import AttentionGeometry, decoder_layers, projection
+from p2d.io import atomic_path, read_json, save_npy, write_json
+from p2d.tokens import IGNORE, Tokenized, collate, length_batches
+
+POOLINGS = ("mean", "last", "mean-all", "max")
+KINDS = ("heads", "hidden")
+QUALITIES = ("none", "nll", "ifd")
+SHARD_SAMPLES = 256
+
+
+class _Stop(Exception):
+    """Raised from a hook once every needed activation is captured, to skip the rest of the forward."""
+
+
+@dataclass
+class FeatureResult:
+    ids: list[str]
+    features: np.ndarray  # [N, dim] float32, input order; a read-only memmap when a store was used
+    quality: np.ndarray | None  # [N] float64 (nll or ifd; NaN where a sample has no response tokens)
+    seconds: float
+    tokens: int  # non-pad tokens forwarded in this run (0 when everything came from the store)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def fingerprint(tokenized: list[Tokenized]) -> str:
+    """sha256 over ids, input_ids and labels: the features are a function of exactly these."""
+    h = hashlib.sha256()
+    for t in tokenized:
+        h.update(json.dumps([t.id, t.input_ids, t.labels], separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def _pool(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, T, D] -> [B, D] over the response (`weight`) or non-pad (`mask`) positions; zero if none."""
+    x = x.float()
+    sel = (mask if pooling == "mean-all" else weight).bool()
+    n = sel.sum(1, keepdim=True)
+    if pooling in ("mean", "mean-all"):
+        return (x * sel[..., None]).sum(1) / n.clamp(min=1)
+    if pooling == "max":
+        return x.masked_fill(~sel[..., None], -math.inf).amax(1).masked_fill(n == 0, 0.0)
+    pos = torch.arange(x.shape[1], device=x.device)
+    last = (sel * (pos + 1)).argmax(1)  # last selected position (0 when none: zeroed below)
+    return x[torch.arange(x.shape[0], device=x.device), last].masked_fill(n == 0, 0.0)
+
+
+def _normalize_parts(pooled: torch.Tensor, part: int) -> torch.Tensor:
+    """L2-normalise each `part`-wide block (one head or one layer); an all-zero block stays zero."""
+    b = pooled.shape[0]
+    return F.normalize(pooled.view(b, -1, part), dim=-1).view(b, -1)
+
+
+def _response_nll(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Mean next-token loss over response tokens per sample ([B], NaN if none).
+
+    The LM head runs only on positions whose next token is labelled, in chunks, so the
+    [B, T, vocab] logits tensor is never built.
+    """
+    target = labels[:, 1:]
+    where = (target != IGNORE).nonzero(as_tuple=True)
+    h = hidden[:, :-1][where]
+    y = target[where]
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    losses = []
+    for s in range(0, len(y), chunk):
+        logits = head(h[s: s + chunk]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        losses.append(F.cross_entropy(logits, y[s: s + chunk], reduction="none"))
+    loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+    b = labels.shape[0]
+    total = torch.zeros(b, device=loss.device).index_add_(0, where[0], loss)
+    count = torch.zeros(b, device=loss.device).index_add_(0, where[0], torch.ones_like(loss))
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
+
+
+def _response_only(t: Tokenized, start_id: int) -> Tokenized:
+    """The response with one start token in front and nothing else, for IFD's unconditioned loss."""
+    resp = [tok for tok in t.labels if tok != IGNORE]
+    return Tokenized(t.id, [start_id] + resp, [IGNORE] + resp)
+
+
+class _Capture:
+    """Forward hooks that pool the chosen activations of one batch, and stop the forward when done."""
+
+    def __init__(self, model, geom: AttentionGeometry, kind: str, units: list, pooling: str, stop: bool):
+        self.model, self.geom, self.kind, self.pooling = model, geom, kind, pooling
+        by_layer: dict[int, list[int]] = {}
+        for u in units:
+            layer, head = u if kind == "heads" else (u, None)
+            by_layer.setdefault(layer, []).append(head)
+        self.by_layer = by_layer
+        self.last_layer = max(by_layer)
+        self.stop = stop
+        self.parts: dict[int, torch.Tensor] = {}
+        self.weight = self.mask = None
+        self.handles = []
+
+    def __enter__(self) -> "_Capture":
+        for layer, heads in self.by_layer.items():
+            if self.kind == "heads":
+                cols = torch.cat([torch.arange(h * self.geom.head_dim, (h + 1) * self.geom.head_dim) for h in heads])
+                hook = self._head_hook(layer, cols)
+                self.handles.append(projection(self.model, layer, "o_proj").register_forward_pre_hook(hook))
+            else:
+                self.handles.append(decoder_layers(self.model)[layer].register_forward_hook(self._hidden_hook(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _keep(self, layer: int, x: torch.Tensor) -> None:
+        self.parts[layer] = _pool(x, self.weight, self.mask, self.pooling)
+        if self.stop and layer == self.last_layer:
+            raise _Stop
+
+    def _head_hook(self, layer: int, cols: torch.Tensor):
+        def hook(_module, args):
+            x = args[0]
+            self._keep(layer, x.index_select(-1, cols.to(x.device)))
+        return hook
+
+    def _hidden_hook(self, layer: int):
+        def hook(_module, _args, output):
+            self._keep(layer, output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    def features(self) -> torch.Tensor:
+        """[B, dim]: layer by layer in ascending order, heads in ascending order, each block normalised."""
+        pooled = torch.cat([self.parts[layer] for layer in sorted(self.by_layer)], dim=1)
+        part = self.geom.head_dim if self.kind == "heads" else self.geom.hidden_size
+        return _normalize_parts(pooled, part)
+
+
+class FeatureStore:
+    """A directory of feature shards that a later run with the same inputs resumes from.
+
+    meta.json says what the features are (model, heads or layers, pooling, quality, data
+    fingerprint); shard-NNNNN.npy holds one shard's features in length-sorted order and
+    shard-NNNNN.json its ids and quality values. Each file is written atomically, the .json last,
+    so a shard counts as done only once both exist.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def open(self, meta: dict) -> None:
+        """Create the store, or check that an existing one was made from the same inputs."""
+        meta_path = self.path / "meta.json"
+        if meta_path.is_file():
+            old = read_json(meta_path)
+            diff = [k for k in meta if old.get(k) != meta[k]]
+            if diff:
+                what = "; ".join(f"{k}: store has {_short(old.get(k))}, this run {_short(meta[k])}" for k in diff)
+                raise P2DError(f"feature store {self.path} was made from other inputs ({what}); "
+                               f"use a fresh --out or delete {self.path}")
+        else:
+            write_json(meta_path, meta)
+
+    def done(self, shard: int, ids: list[str]) -> bool:
+        j = self.path / f"shard-{shard:05d}.json"
+        return j.is_file() and (self.path / f"shard-{shard:05d}.npy").is_file() and read_json(j)["ids"] == ids
+
+    def write(self, shard: int, ids: list[str], features: np.ndarray, quality: list[float] | None) -> None:
+        save_npy(self.path / f"shard-{shard:05d}.npy", features)
+        write_json(self.path / f"shard-{shard:05d}.json", {"ids": ids, "quality": quality})
+
+    def read(self, shard: int) -> tuple[np.ndarray, list[float] | None]:
+        """Features memory-mapped (not loaded), quality values."""
+        meta = read_json(self.path / f"shard-{shard:05d}.json")
+        return np.load(self.path / f"shard-{shard:05d}.npy", mmap_mode="r"), meta["quality"]
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _progress(enabled: bool):
+    """A rich bar with samples/s and ETA."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeRemainingColumn)
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} samples/s" if task.speed else "- samples/s")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                    TimeRemainingColumn(), disable=not enabled)
+
+
+def _shards(batches: list[list[int]], shard_samples: int) -> list[list[list[int]]]:
+    """Consecutive length-sorted batches grouped into shards of >= shard_samples samples (last may be smaller)."""
+    shards: list[list[list[int]]] = [[]]
+    for b in batches:
+        if sum(map(len, shards[-1])) >= shard_samples:
+            shards.append([])
+        shards[-1].append(b)
+    return [s for s in shards if s]
+
+
+def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple[int, int]] | None = None,
+                     kind: str = "heads", layers: Iterable[int] | None = None, pooling: str = "mean",
+                     quality: str = "none", tokenizer=None, batch_size: int = 16, max_tokens: int = 8192,
+                     store_dir: str | Path | None = None, model_id: str = "", progress: bool = True,
+                     early_stop: bool = True, shard_samples: int = SHARD_SAMPLES,
+                     on_shard: Callable[[int], None] | None = None) -> FeatureResult:
+    """Pooled, per-head L2-normalised features of `tokenized` (and a quality signal) in one pass.
+
+    kind="heads": the chosen `heads` [(layer, head)], dim = n_heads * head_dim.
+    kind="hidden": the outputs of decoder `layers`, dim = n_layers * hidden_size (embedding baseline).
+    quality="nll": mean response-token loss under `model`; "ifd": that loss divided by the loss of
+    the response alone (a second, response-only forward; needs `tokenizer` for its start token).
+    With `store_dir`, finished shards are kept on disk and skipped on a rerun; `on_shard(i)` is
+    called after shard i is written (tests use it to simulate a kill).
+    """
+    if kind not in KINDS:
+        raise P2DError(f"unknown feature kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if pooling not in POOLINGS:
+        raise P2DError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if quality not in QUALITIES:
+        raise P2DError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    geom = AttentionGeometry.from_config(model.config)
+    if kind == "heads":
+        units = sorted(set((int(l), int(h)) for l, h in (heads or [])))
+        bad = [u for u in units if not (0 <= u[0] < geom.num_layers and 0 <= u[1] < geom.num_heads)]
+        dim = len(units) * geom.head_dim
+    else:
+        units = sorted(set(int(l) for l in (layers or [])))
+        bad = [u for u in units if not 0 <= u < geom.num_layers]
+        dim = len(units) * geom.hidden_size
+    if not units:
+        raise P2DError(f"no {'heads' if kind == 'heads' else 'layers'} given to extract features from")
+    if bad:
+        raise P2DError(f"{kind} {bad[:3]} out of range for a model with {geom.num_layers} layers x {geom.num_heads} heads")
+    start_id = None
+    if quality == "ifd":
+        if tokenizer is None:
+            raise P2DError("quality 'ifd' needs the tokenizer (for the start token of the response-only pass)")
+        start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    batches = length_batches([len(t) for t in tokenized], batch_size, max_tokens)
+    shards = _shards(batches, shard_samples)  # fixed before any work, so a rerun finds the same shards
+    store = FeatureStore(store_dir) if store_dir is not None else None
+    if store:
+        store.open({"model_id": model_id, "kind": kind, "units": [list(u) if kind == "heads" else u for u in units],
+                    "pooling": pooling, "quality": quality, "fingerprint": fingerprint(tokenized),
+                    "n_samples": len(tokenized), "dim": dim})
+
+    stop = early_stop and quality == "none"
+    n_tokens = 0
+    done_feats: list[np.ndarray] = []
+    done_quality: list[list[float] | None] = []
+    t0 = time.perf_counter()
+    bar = _progress(progress)
+    with bar, torch.inference_mode():
+        task = bar.add_task(f"{kind} features", total=len(tokenized))
+        for si, shard in enumerate(shards):
+            order = [i for b in shard for i in b]
+            ids = [tokenized[i].id for i in order]
+            if store and store.done(si, ids):
+                feats, qual = store.read(si)
+                bar.advance(task, len(order))
+            else:
+                feats_t, qual_t = [], []
+                for b in shard:
+                    f, q, n = _forward(model, geom, [tokenized[i] for i in b], kind, units, pooling, quality, stop)
+                    feats_t.append(f)
+                    qual_t.append(q)
+                    n_tokens += n
+                    bar.advance(task, len(b))
+                feats = torch.cat(feats_t).cpu().numpy().astype(np.float32)
+                qual = torch.cat(qual_t).double().cpu() if quality != "none" else None
+                if quality == "ifd":
+                    alone, n = _nll_pass(model, [_response_only(tokenized[i], start_id) for i in order],
+                                         batch_size, max_tokens)
+                    n_tokens += n
+                    qual = qual / alone
+                qual = qual.tolist() if qual is not None else None
+                if store:
+                    store.write(si, ids, feats, qual)
+                    feats, qual = store.read(si)
+                if on_shard:
+                    on_shard(si)
+            done_feats.append(feats)
+            done_quality.append(qual)
+    seconds = time.perf_counter() - t0
+
+    order = np.array([i for s in shards for b in s for i in b], dtype=np.int64)
+    features = _assemble(done_feats, order, len(tokenized), dim, store)
+    qual_arr = None
+    if quality != "none":
+        qual_arr = np.empty(len(tokenized), dtype=np.float64)
+        qual_arr[order] = np.array([v for q in done_quality for v in q], dtype=np.float64)
+    return FeatureResult([t.id for t in tokenized], features, qual_arr, seconds, n_tokens)
+
+
+def _assemble(shard_feats: list[np.ndarray], order: np.ndarray, n: int, dim: int,
+              store: FeatureStore | None) -> np.ndarray:
+    """Shard rows (length-sorted) back into input order; into a memmapped features.npy with a store,
+    so a pool larger than memory never has to be held at once."""
+    if store is None:
+        out = np.empty((n, dim), dtype=np.float32)
+        if n:
+            out[order] = np.concatenate(shard_feats)
+        return out
+    path = store.path / "features.npy"
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+        row = 0
+        for f in shard_feats:
+            out[order[row: row + len(f)]] = f
+            row += len(f)
+        out.flush()
+        del out
+    return np.load(path, mmap_mode="r")
+
+
+def _forward(model, geom, batch: list[Tokenized], kind: str, units: list, pooling: str, quality: str,
+             stop: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """One batch: (features [B, dim], response nll [B] or None, non-pad tokens)."""
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in collate(batch, pad_id=0).items()}
+    with _Capture(model, geom, kind, units, pooling, stop) as cap:
+        cap.weight = (enc["labels"] != IGNORE)
+        cap.mask = enc["attention_mask"].bool()
+        try:
+            out = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+        except _Stop:
+            out = None
+        nll = _response_nll(model, out.last_hidden_state, enc["labels"]) if quality != "none" else None
+        return cap.features(), nll, int(enc["attention_mask"].sum())
+
+
+def _nll_pass(model, tokenized: list[Tokenized], batch_size: int, max_tokens: int) -> tuple[torch.Tensor, int]:
+    """Mean response loss of each sample (in the given order) and the tokens forwarded."""
+    device = next(model.parameters()).device
+    out = torch.empty(len(tokenized), dtype=torch.float64)
+    n = 0
+    for b in length_batches([len(t) for t in tokenized], batch_size, max_tokens):
+        enc = {k: v.to(device) for k, v in collate([tokenized[i] for i in b], pad_id=0).items()}
+        hidden = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             use_cache=False).last_hidden_state
+        out[b] = _response_nll(model, hidden, enc["labels"]).double().cpu()
+        n += int(enc["attention_mask"].sum())
+    return out, n

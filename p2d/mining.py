@@ -1,0 +1,322 @@
+"""Affinity mining: score every pool sample by how much it looks like the target domain, keep the top.
+
+The target set is summarised by spherical k-means prototypes (FAISS) of its L2-normalised
+features; a pool sample's affinity is its cosine to the NEAREST prototype (max, not mean: a
+domain with several sub-styles should admit a sample close to any one of them). The prototypes
+are what gets indexed (k <= 16 vectors) and the pool is streamed through as queries with
+k = n_prototypes, so the search is exact, linear in the pool, and never near GPU FAISS's 2048
+results-per-query limit. The pool-sized index is the near-duplicate index over kept samples,
+which is where `index` (flat / IVF) applies.
+
+Quality folding (`quality` = nll or ifd, higher = worse: a high response loss under the base
+model, or an IFD near or above 1, flags a response that does not follow from its instruction,
+e.g. a swapped answer): score = pct(affinity) - quality_weight * pct(quality), with pct the
+rank percentile in [0, 1]. Rank percentiles make the two signals commensurable whatever their
+scales; a sample with no quality value counts as worst. Ties break by sample id.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+from scipy.stats import rankdata
+
+from p2d import P2DError
+from p2d.features import extract_features
+from p2d.geometry import AttentionGeometry
+from p2d.tokens import IGNORE, Tokenized
+
+SELECTORS = ("p2d", "random", "embedding-mid", "embedding-last")
+HEAD_SETS = ("alps", "random", "discriminative")
+IVF_ABOVE = 200_000
+MAX_PROTOTYPES = 16
+SEPARATION_SAMPLE = 256
+
+
+@dataclass
+class MineResult:
+    ids: list[str]  # pool order
+    affinity: np.ndarray  # cosine to the nearest target prototype (NaN for the random selector)
+    quality: np.ndarray | None
+    score: np.ndarray
+    rank: np.ndarray  # 1 = best, by (score desc, id asc)
+    selected: np.ndarray  # bool
+    summary: dict = field(default_factory=dict)
+
+
+def n_selected(data_frac: float, n_pool: int) -> int:
+    if not (isinstance(data_frac, (int, float)) and 0 < data_frac <= 1):
+        raise P2DError(f"data-frac must be in (0, 1], got {data_frac!r}")
+    return math.ceil(data_frac * n_pool)
+
+
+def _gpu(index: faiss.Index) -> faiss.Index:
+    return faiss.index_cpu_to_all_gpus(index) if faiss.get_num_gpus() > 0 else index
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32).copy()
+    faiss.normalize_L2(x)
+    return x
+
+
+def prototypes(target: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Spherical k-means centroids of the usable (non-zero) target rows, k = min(16, n // 4) >= 1."""
+    target = np.asarray(target, dtype=np.float32)
+    target = _normalized(target[np.linalg.norm(target, axis=1) > 0])
+    if not len(target):
+        raise P2DError("the target set has no usable samples (no rows, or none with response tokens)")
+    k = max(1, min(MAX_PROTOTYPES, len(target) // 4))
+    km = faiss.Kmeans(target.shape[1], k, niter=25, seed=seed, spherical=True, min_points_per_centroid=1,
+                      gpu=faiss.get_num_gpus() > 0)
+    km.train(target)
+    return _normalized(km.centroids)
+
+
+def affinity(pool: np.ndarray, protos: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Max cosine of each pool row to the prototypes; -1 (the minimum) for rows with no features.
+
+    The pool is streamed in chunks, so a memory-mapped pool larger than memory works.
+    """
+    index = _gpu(faiss.IndexFlatIP(protos.shape[1]))
+    index.add(protos)
+    out = np.empty(len(pool), dtype=np.float32)
+    for s in range(0, len(pool), chunk):
+        x = np.asarray(pool[s: s + chunk], dtype=np.float32)
+        usable = np.linalg.norm(x, axis=1) > 0
+        sims, _ = index.search(_normalized(x), 1)  # the nearest prototype; k = 1 <= 2048
+        out[s: s + chunk] = np.where(usable, sims[:, 0], -1.0)
+    return out
+
+
+def combine(affinity: np.ndarray, quality: np.ndarray | None, quality_weight: float) -> np.ndarray:
+    """pct(affinity) - quality_weight * pct(quality) (see the module docstring); affinity alone without quality."""
+    aff = _pct(affinity)
+    if quality is None:
+        return aff
+    q = np.where(np.isnan(quality), np.inf, quality)  # no value = worst
+    return aff - quality_weight * _pct(q)
+
+
+def _pct(x: np.ndarray) -> np.ndarray:
+    return (rankdata(x, method="average") - 1) / max(len(x) - 1, 1)
+
+
+def rank_order(ids: list[str], score: np.ndarray) -> np.ndarray:
+    """Indices by score descending, ties by id ascending (deterministic)."""
+    id_rank = np.argsort(np.argsort(np.array(ids, dtype=object), kind="stable"), kind="stable")
+    return np.lexsort((id_rank, -np.asarray(score, dtype=np.float64)))
+
+
+def _dedup_index(dim: int, n_max: int, kind: str, train: np.ndarray) -> faiss.Index:
+    if kind == "ivf":
+        nlist = max(1, min(int(math.sqrt(n_max)), len(train) // 39 or 1))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(train)
+        index.nprobe = max(1, nlist // 16)
+        return _gpu(index)
+    return _gpu(faiss.IndexFlatIP(dim))
+
+
+def select(ids: list[str], score: np.ndarray, data_frac: float, *, features: np.ndarray | None = None,
+           dedup_threshold: float | None = None, index: str = "flat", chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(rank 1..N, selected mask): the top ceil(data_frac * N) by score, skipping near-duplicates.
+
+    With `dedup_threshold` t, a candidate whose cosine to an already-kept sample is >= t is
+    skipped and the next one taken, so the count stays ceil(f*N) unless the pool runs out.
+    """
+    n = len(ids)
+    if n == 0:
+        raise P2DError("the pool is empty: nothing to select from")
+    count = n_selected(data_frac, n)
+    order = rank_order(ids, score)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(1, n + 1)
+    selected = np.zeros(n, dtype=bool)
+    if dedup_threshold is None:
+        selected[order[:count]] = True
+        return rank, selected
+    if features is None:
+        raise P2DError("dedup needs features (the random selector has none)")
+    sample = _normalized(np.asarray(features[np.sort(order[: min(n, 50_000)])]))
+    kept = _dedup_index(sample.shape[1], count, index, sample)
+    n_kept = 0
+    for s in range(0, n, chunk):
+        cand = order[s: s + chunk]
+        x = _normalized(np.asarray(features[np.sort(cand)]))[np.argsort(np.argsort(cand))]
+        near = kept.search(x, 1)[0][:, 0] >= dedup_threshold if n_kept else np.zeros(len(cand), bool)
+        sims = x @ x.T  # within the chunk, earlier (better) candidates win
+        take: list[int] = []
+        for j in range(len(cand)):
+            if n_kept + len(take) >= count:
+                break
+            if not near[j] and not (take and sims[j, take].max() >= dedup_threshold):
+                take.append(j)
+        if take:
+            selected[cand[take]] = True
+            kept.add(x[take])
+            n_kept += len(take)
+        if n_kept >= count:
+            break
+    return rank, selected
+
+
+def separation(target: np.ndarray, other: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated AUROC of target vs pool along the centroid-difference direction.
+
+    The direction is fitted on k-1 folds and scored on the held-out fold, so a high-dimensional
+    head set is not rewarded for separating a few target samples by chance. 0.5 = no separation;
+    NaN when either side has fewer than 2 samples (nothing to hold out).
+    """
+    folds = min(folds, len(target), len(other))
+    if folds < 2:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    ft, fo = rng.permutation(len(target)) % folds, rng.permutation(len(other)) % folds
+    st, so = np.empty(len(target)), np.empty(len(other))
+    for k in range(folds):
+        w = target[ft != k].mean(0) - other[fo != k].mean(0)
+        st[ft == k], so[fo == k] = target[ft == k] @ w, other[fo == k] @ w
+    return auroc(st, so)
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Mann-Whitney AUROC: P(pos > neg), ties counting half."""
+    r = rankdata(np.concatenate([pos, neg]))
+    return float((r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def head_separations(target: np.ndarray, other: np.ndarray, geom: AttentionGeometry) -> np.ndarray:
+    """[L, H] separation of every head, from all-heads features (blocks in (layer, head) order)."""
+    d = geom.head_dim
+    return np.array([separation(target[:, i * d:(i + 1) * d], other[:, i * d:(i + 1) * d])
+                     for i in range(geom.total_heads)]).reshape(geom.num_layers, geom.num_heads)
+
+
+def head_set_separation(heads: list[tuple[int, int]], target: np.ndarray, other: np.ndarray,
+                        geom: AttentionGeometry) -> float:
+    cols = np.concatenate([np.arange((l * geom.num_heads + h) * geom.head_dim, (l * geom.num_heads + h + 1) * geom.head_dim)
+                           for l, h in sorted(heads)])
+    return separation(target[:, cols], other[:, cols])
+
+
+def random_heads(geom: AttentionGeometry, count: int, seed: int = 0) -> list[tuple[int, int]]:
+    flat = np.random.default_rng(seed).choice(geom.total_heads, size=count, replace=False)
+    return sorted((int(i) // geom.num_heads, int(i) % geom.num_heads) for i in flat)
+
+
+def _rounded(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)
+
+
+def _pool_sample(n: int, seed: int) -> np.ndarray:
+    """The seeded pool rows that separation is measured against (the same for every selector)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(SEPARATION_SAMPLE, n), replace=False))
+
+
+def _usable(tokenized: list[Tokenized]) -> list[Tokenized]:
+    return [t for t in tokenized if any(lab != IGNORE for lab in t.labels)]
+
+
+def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: float, selector: str = "p2d",
+         heads: list[tuple[int, int]] | None = None, head_set: str = "alps", n_heads: int | None = None,
+         pooling: str = "mean", quality: str = "none", quality_weight: float = 0.5, tokenizer=None,
+         dedup_threshold: float | None = None, index: str = "auto", seed: int = 0, batch_size: int = 16,
+         max_tokens: int = 8192, store_dir=None, model_id: str = "", progress: bool = True) -> MineResult:
+    """Score and select pool samples for the domain the target samples define.
+
+    selector: "p2d" (head features; heads from `heads` (ALPS, heads.json), or a `random` or
+    `discriminative` set of the same count - `n_heads` when no ALPS heads are given),
+    "embedding-mid" / "embedding-last" (hidden state of the middle / last layer), or "random".
+    The summary reports the separation of target vs a pool sample for the features used (every
+    selector but random) and, for p2d, for every head set (alps when given, random, discriminative).
+    """
+    if selector not in SELECTORS:
+        raise P2DError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
+    if head_set not in HEAD_SETS:
+        raise P2DError(f"unknown head set {head_set!r}; choose one of {', '.join(HEAD_SETS)}")
+    if index not in ("auto", "flat", "ivf"):
+        raise P2DError(f"unknown index {index!r}; choose auto, flat or ivf")
+    if not pool:
+        raise P2DError("the pool is empty: nothing to select from")
+    count = n_selected(data_frac, len(pool))
+    usable_target = _usable(target)
+    if not usable_target:
+        raise P2DError("the target set has no usable samples (no rows, or none with response tokens)")
+    index = index if index != "auto" else ("ivf" if len(pool) > IVF_ABOVE else "flat")
+    ids = [t.id for t in pool]
+    summary: dict = {"selector": selector, "counts": {"pool": len(pool), "target": len(usable_target), "selected": count},
+                     "data_frac": data_frac, "pooling": pooling, "quality": quality, "seed": seed,
+                     "timings": {}}
+    geom = AttentionGeometry.from_config(model.config)
+    kw = dict(pooling=pooling, batch_size=batch_size, max_tokens=max_tokens, progress=progress, model_id=model_id)
+
+    if selector == "random":
+        score = np.random.default_rng(seed).random(len(pool))
+        rank, selected = select(ids, score, data_frac)
+        return MineResult(ids, np.full(len(pool), np.nan), None, score, rank, selected, summary)
+
+    t0 = time.perf_counter()
+    if selector == "p2d":
+        heads, summary["head_sets"] = _choose_heads(model, geom, pool, usable_target, heads, head_set, n_heads, seed, kw)
+        feat_kw = dict(kind="heads", heads=heads)
+        summary["heads"] = [list(h) for h in heads]
+    else:
+        layer = geom.num_layers // 2 if selector == "embedding-mid" else geom.num_layers - 1
+        feat_kw = dict(kind="hidden", layers=[layer])
+        summary["layers"] = [layer]
+    tgt = extract_features(model, usable_target, **feat_kw, **kw)
+    res = extract_features(model, pool, **feat_kw, **kw, quality=quality, tokenizer=tokenizer, store_dir=store_dir)
+    summary["timings"]["extract_s"] = round(time.perf_counter() - t0, 3)
+    summary["extract_tokens_per_s"] = round(res.tokens_per_s, 1)
+    summary["feature_dim"] = int(res.features.shape[1])
+
+    t0 = time.perf_counter()
+    protos = prototypes(tgt.features, seed)
+    aff = affinity(res.features, protos)
+    summary["timings"]["index_s"] = round(time.perf_counter() - t0, 3)
+    summary["n_prototypes"] = len(protos)
+    sample = _pool_sample(len(pool), seed)
+    summary["separation_auroc"] = _rounded(separation(np.asarray(tgt.features), np.asarray(res.features[sample])))
+
+    t0 = time.perf_counter()
+    score = combine(aff, res.quality, quality_weight)
+    rank, selected = select(ids, score, data_frac, features=res.features, dedup_threshold=dedup_threshold, index=index)
+    summary["timings"]["select_s"] = round(time.perf_counter() - t0, 3)
+    summary["counts"]["selected"] = int(selected.sum())
+    summary["index"] = {"prototypes": "flat-ip (exact)", "dedup": index if dedup_threshold is not None else None,
+                        "gpu": faiss.get_num_gpus() > 0}
+    summary["quality_weight"] = quality_weight if quality != "none" else None
+    summary["dedup_threshold"] = dedup_threshold
+    return MineResult(ids, aff, res.quality, score, rank, selected, summary)
+
+
+def _choose_heads(model, geom: AttentionGeometry, pool: list[Tokenized], target: list[Tokenized],
+                  alps: list[tuple[int, int]] | None, head_set: str, n_heads: int | None, seed: int,
+                  kw: dict) -> tuple[list[tuple[int, int]], dict]:
+    """The heads to mine with, and every head set's separation (one all-heads pass on target + a pool sample)."""
+    alps = sorted(set(map(tuple, alps))) if alps else None
+    if head_set == "alps" and not alps:
+        raise P2DError("head set 'alps' needs heads (heads.json from `p2d localize`)")
+    count = len(alps) if alps else n_heads
+    if not count or not 0 < count <= geom.total_heads:
+        raise P2DError(f"head set {head_set!r} needs a head count in [1, {geom.total_heads}] (n_heads or heads.json)")
+    sample = [pool[i] for i in _pool_sample(len(pool), seed)]
+    everything = [(l, h) for l in range(geom.num_layers) for h in range(geom.num_heads)]
+    t = extract_features(model, target, kind="heads", heads=everything, **kw).features
+    o = extract_features(model, _usable(sample) or sample, kind="heads", heads=everything, **kw).features
+    per_head = head_separations(t, o, geom)
+    best = np.argsort(-np.nan_to_num(per_head.ravel(), nan=0.5), kind="stable")[:count]
+    sets = {"random": random_heads(geom, count, seed),
+            "discriminative": sorted((int(i) // geom.num_heads, int(i) % geom.num_heads) for i in best)}
+    if alps:
+        sets["alps"] = alps
+    report = {name: {"heads": [list(h) for h in hs], "separation_auroc": _rounded(head_set_separation(hs, t, o, geom))}
+              for name, hs in sets.items()}
+    report["measure"] = (f"5-fold cross-validated AUROC of target ({len(t)}) vs pool sample ({len(o)}) "
+                         "along the centroid-difference direction; 0.5 = none")
+    return sets[head_set], report

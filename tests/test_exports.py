@@ -1,0 +1,117 @@
+import csv
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from p2d import P2DError
+from p2d.exports import export_subset
+from p2d.mining import MineResult, mine
+from p2d.tokens import IGNORE, Example, Tokenized
+
+
+def result_for(ids: list[str], selected: list[bool]) -> MineResult:
+    n = len(ids)
+    score = np.linspace(1, 0, n)
+    return MineResult(ids, score.astype(np.float32), np.full(n, np.nan), score, np.arange(1, n + 1), np.array(selected))
+
+
+ALPACA = [{"instruction": f"do {i}", "input": "" if i % 2 else "ctx", "output": f"done {i}", "extra": {"k": [i, i + 1], "s": "é"}}
+          for i in range(5)]
+CHAT = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], "source": "x"}
+        for i in range(4)]
+QA = [{"question": f"q{i}", "answer": f"a{i}", "id": i} for i in range(4)]
+
+
+def examples(records: list[dict]) -> list[Example]:
+    return [Example(f"e{i}", "p", "r", raw=r) for i, r in enumerate(records)]
+
+
+def test_selected_jsonl_keeps_records_in_pool_order(tmp_path):
+    ex = examples(ALPACA)
+    res = result_for([e.id for e in ex], [False, True, False, True, True])
+    res.rank = np.array([5, 3, 4, 1, 2])
+    paths = export_subset(tmp_path, ex, res, "alpaca", parquet=True)
+    rows = [json.loads(l) for l in (tmp_path / "selected.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows == [ALPACA[1], ALPACA[3], ALPACA[4]]  # pool order, every field, nothing added
+    assert pq.read_table(paths["selected.parquet"]).to_pylist() == rows
+    with open(tmp_path / "scores.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["id"] for r in table] == ["e0", "e1", "e2", "e3", "e4"]
+    assert [r["selected"] for r in table] == ["0", "1", "0", "1", "1"] and table[0]["quality"] == ""
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    assert info == {"p2d_selected": {"file_name": "selected.jsonl",
+                                     "columns": {"prompt": "instruction", "response": "output", "query": "input"}}}
+    ds = yaml.safe_load((tmp_path / "axolotl.yaml").read_text())["datasets"][0]
+    assert ds["type"] == "alpaca" and ds["ds_type"] == "json" and ds["path"] == str((tmp_path / "selected.jsonl").resolve())
+
+
+def test_chat_and_question_answer_schemas(tmp_path):
+    export_subset(tmp_path / "chat", examples(CHAT), result_for([f"e{i}" for i in range(4)], [True] * 4))
+    info = json.loads((tmp_path / "chat" / "dataset_info.json").read_text())["p2d_selected"]
+    assert info["formatting"] == "sharegpt" and info["columns"] == {"messages": "messages"}
+    assert info["tags"]["role_tag"] == "role"
+    ds = yaml.safe_load((tmp_path / "chat" / "axolotl.yaml").read_text())["datasets"][0]
+    assert ds["type"] == "chat_template" and ds["field_messages"] == "messages"
+
+    export_subset(tmp_path / "qa", examples(QA), result_for([f"e{i}" for i in range(4)], [True, False, True, False]))
+    info = json.loads((tmp_path / "qa" / "dataset_info.json").read_text())["p2d_selected"]
+    assert info["columns"] == {"prompt": "question", "response": "answer"}
+    ds = yaml.safe_load((tmp_path / "qa" / "axolotl.yaml").read_text())["datasets"][0]
+    assert ds["type"]["field_instruction"] == "question" and ds["type"]["field_output"] == "answer"
+
+
+def test_export_errors(tmp_path):
+    ex = examples([{"foo": 1}, {"foo": 2}])
+    with pytest.raises(P2DError, match="foo"):
+        export_subset(tmp_path, ex, result_for(["e0", "e1"], [True, True]), "jsonl")
+    mixed = examples([{"question": "a", "answer": [1, "x"]}])
+    with pytest.raises(P2DError, match="Parquet"):
+        export_subset(tmp_path, mixed, result_for(["e0"], [True]), parquet=True)
+    with pytest.raises(P2DError, match="ids differ"):
+        export_subset(tmp_path, ex, result_for(["e1", "e0"], [True, True]))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resumed_mining_gives_byte_identical_selection(tmp_path, monkeypatch):
+    """Kill the pool extraction after two shards, rerun on the same store: same selected.jsonl bytes."""
+    import p2d.features as features
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                                         vocab_size=256)).eval()
+    rng = np.random.default_rng(0)
+    recs, toks = [], []
+    for i in range(30):
+        ids = rng.integers(3, 256, int(rng.integers(4, 12))).tolist()
+        recs.append({"instruction": f"task {i}", "input": "", "output": f"answer {i}"})
+        toks.append(Tokenized(f"r{i:02d}", ids, [IGNORE] * 3 + ids[3:]))
+    pool, target = toks[:24], toks[24:]
+    ex = [Example(t.id, "p", "r", raw=r) for t, r in zip(pool, recs)]
+    kw = dict(data_frac=0.3, heads=[(1, 1), (2, 4)], quality="nll", progress=False, batch_size=2)
+
+    ref = mine(model, pool, target, **kw)
+    export_subset(tmp_path / "ref", ex, ref, "alpaca")
+
+    real = features.extract_features
+    def killing(*a, **k):
+        if k.get("store_dir"):
+            k["shard_samples"], k["on_shard"] = 4, lambda i: (_ for _ in ()).throw(Killed) if i == 1 else None
+        return real(*a, **k)
+    monkeypatch.setattr("p2d.mining.extract_features", killing)
+    with pytest.raises(Killed):
+        mine(model, pool, target, **kw, store_dir=tmp_path / "store")
+    monkeypatch.setattr("p2d.mining.extract_features",
+                        lambda *a, **k: real(*a, **{**k, "shard_samples": 4} if k.get("store_dir") else k))
+    resumed = mine(model, pool, target, **kw, store_dir=tmp_path / "store")
+    export_subset(tmp_path / "resumed", ex, resumed, "alpaca")
+    for name in ("selected.jsonl", "scores.csv"):
+        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
