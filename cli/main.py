@@ -80,5 +80,198 @@ def localize(out: str, **kw) -> None:
     console.print(f"proxy {timings['proxy_seconds']:.1f}s, scoring {timings['localize_seconds']:.1f}s -> {out}/heads.json")
 
 
+
+def mine_options(f):
+    for opt in reversed([
+        click.option("--data-frac", default=0.1, type=float, help="Fraction f of the pool kept: top ceil(f*N)."),
+        click.option("--target", default=None, help="Target samples that define the domain (default: the card's seed set)."),
+        click.option("--mining-heads", type=click.Choice(["alps", "random", "discriminative"]), default="alps",
+                     help="Heads whose outputs mine: ALPS (heads.json), random, or those that best separate target from pool."),
+        click.option("--quality", type=click.Choice(["none", "nll", "ifd"]), default="none",
+                     help="Fold a per-sample quality signal into the rank (base-model response loss, or IFD)."),
+        click.option("--selector", type=click.Choice(["p2d", "random", "embedding-mid", "embedding-last"]), default="p2d",
+                     help="p2d head features, or a baseline."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@model_option
+@click.option("--heads", default=None, type=click.Path(dir_okay=False), help="heads.json from `p2d localize`.")
+@click.option("--data", default="p2d:default", help="The pool: a data file, a datasets dir, a hub id, or p2d:default.")
+@click.option("--domain", type=click.Choice(["code", "math", "general"]), default=None)
+@mine_options
+@click.option("--pooling", type=click.Choice(["mean", "last", "mean-all", "max"]), default="mean")
+@click.option("--quality-weight", default=0.5, type=float, help="Weight of the quality rank against affinity.")
+@click.option("--dedup", default=None, type=float, help="Drop samples whose cosine to a kept one is >= this.")
+@click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto")
+@click.option("--max-length", default=256, help="Tokens read per sample.")
+@click.option("--batch-size", default=16)
+@click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
+@click.option("--parquet", is_flag=True, help="Also write selected.parquet.")
+@click.option("--seed", default=0)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@user_errors
+def mine(out: str, **kw) -> None:
+    """Mine a pool with head-activation affinity; write selected.jsonl, scores.csv, trainer snippets, mine.json."""
+    from p2d.pipelines.mine import MineConfig, mine_pool
+
+    mine_pool(MineConfig(**kw), out)
+    console.print(f"-> {out}/selected.jsonl")
+
+
+def train_options(f):
+    for opt in reversed([
+        click.option("--epochs", default=1, help="Epochs over the data."),
+        click.option("--max-steps", default=None, type=int, help="Optimizer steps (overrides --epochs)."),
+        click.option("--lr", default=1e-3, type=float, help="Peak learning rate (cosine to 10% after 10% warmup)."),
+        click.option("--batch-size", default=4, help="Micro-batch size per process."),
+        click.option("--grad-accum", default=1, help="Micro-batches per optimizer step."),
+        click.option("--max-length", default=256, help="Tokens per sample."),
+        click.option("--weight-decay", default=0.1, type=float),
+        click.option("--deepspeed", default=None, type=click.Path(dir_okay=False),
+                     help="DeepSpeed JSON config (ZeRO-1/2/3); or launch with the deepspeed launcher."),
+        click.option("--save-every", default=50, help="Optimizer steps between resumable checkpoints."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def train_config(kw: dict):
+    from p2d.trainer import TrainConfig
+
+    return TrainConfig(lr=kw.pop("lr"), weight_decay=kw.pop("weight_decay"), batch_size=kw.pop("batch_size"),
+                       grad_accum=kw.pop("grad_accum"), epochs=kw.pop("epochs"), max_steps=kw.pop("max_steps"),
+                       max_length=kw.pop("max_length"), deepspeed=kw.pop("deepspeed"),
+                       save_every=kw.pop("save_every"), seed=kw.get("seed", 0))
+
+
+SCOPE_HELP = ("heads: only the selected heads' q rows and their KV groups' k/v rows; alps: those plus every "
+              "non-attention weight; random/lc: heads with a random / layer-uniform heads.json; full; "
+              "no-attn; lora (rank 128 on q/k/v); qkv (all attention q/k/v).")
+
+
+@main.command()
+@model_option
+@click.option("--heads", default=None, type=click.Path(dir_okay=False), help="heads.json (head scopes).")
+@click.option("--data", required=True, help="Training data (e.g. a mined selected.jsonl).")
+@click.option("--scope", type=click.Choice(["heads", "alps", "random", "lc", "full", "no-attn", "lora", "qkv"]),
+              default="heads", help=SCOPE_HELP)
+@click.option("--train-o", is_flag=True, help="Also train the selected heads' o_proj columns.")
+@click.option("--lora-rank", default=128)
+@click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
+@train_options
+@click.option("--seed", default=0)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@user_errors
+def train(out: str, **kw) -> None:
+    """Train one model in a scope; write a merged HF checkpoint (DIR/model) and the delta adapter (DIR/adapter)."""
+    from p2d.pipelines.train import TrainRunConfig, train_model
+
+    cfg = train_config(kw)
+    kw.pop("seed")
+    summary = train_model(TrainRunConfig(train=cfg, **kw), out)
+    console.print(f"{summary['steps']} steps in {summary['seconds']:.1f}s ({summary['tokens_per_s']:.0f} tokens/s), "
+                  f"final loss {summary['final_loss']:.4f} -> {out}/model")
+
+
+@main.command()
+@click.option("--domain", type=click.Choice(["code", "math", "general"]), default="code")
+@model_option
+@click.option("--task-model", default=None, help="A ready fine-tuned model instead of the proxy run.")
+@click.option("--pool", default="p2d:default", help="The pool to mine (default: the embedded default pool).")
+@click.option("--proxy-data", default=None, help="Proxy data (default: the domain card's training data).")
+@click.option("--proxy-samples", default=64)
+@click.option("--proxy-steps", default=16)
+@click.option("--head-frac", default=0.1, type=float, help="Fraction r of heads kept: top ceil(r*n).")
+@click.option("--head-method", type=click.Choice(["top", "lc", "random"]), default="top")
+@mine_options
+@click.option("--scope", type=click.Choice(["heads", "alps", "full", "no-attn", "lora"]), default="heads",
+              help=SCOPE_HELP)
+@train_options
+@click.option("--measure-reference", is_flag=True, help="Measure full-data full-parameter training in full.")
+@click.option("--reference-steps", default=4, help="Timed steps the reference cost is extrapolated from.")
+@click.option("--eval", "evaluate", is_flag=True, help="Evaluate base vs trained on the domain's eval set.")
+@click.option("--eval-limit", default=20, help="Task problems evaluated with --eval (CPU generation is slow).")
+@click.option("--from-stage", type=click.Choice(["proxy", "localize", "mine", "train", "reference"]), default=None,
+              help="Redo this stage and every later one.")
+@click.option("--seed", default=0)
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory (default: runs/DOMAIN).")
+@user_errors
+def run(out: str | None, from_stage: str | None, **kw) -> None:
+    """Run proxy -> localize -> mine -> train -> report; reuse finished stages, resume interrupted ones."""
+    from p2d.pipelines.run import RunConfig, run_pipeline
+    from p2d.proxy import ProxyConfig
+
+    tcfg = train_config(kw)
+    proxy = ProxyConfig(samples=kw.pop("proxy_samples"), steps=kw.pop("proxy_steps"), seed=kw["seed"])
+    run_pipeline(RunConfig(train=tcfg, proxy=proxy, **kw), out or f"runs/{kw['domain']}", from_stage)
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--domain", type=click.Choice(["code", "math", "general"]), required=True)
+@click.option("--eval-data", default=None, help="Held-out set (default: the domain card's eval set).")
+@click.option("--limit", default=None, type=int, help="Task problems to generate for (pass@1 / exact match).")
+@click.option("--nll-limit", default=None, type=int, help="Samples for the held-out NLL.")
+@click.option("--no-tasks", is_flag=True, help="Held-out NLL only, no generation.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@user_errors
+def eval_cmd(model: str, domain: str, eval_data: str | None, limit: int | None, nll_limit: int | None,
+             no_tasks: bool, out: str | None) -> None:
+    """Held-out response NLL, plus HumanEval pass@1 (code) or GSM8K exact match (math)."""
+    from rich.table import Table
+
+    from p2d.evaluate import evaluate
+
+    res = evaluate(model, domain, eval_source=eval_data, nll_limit=nll_limit, task_limit=limit,
+                   tasks=not no_tasks, out=out)
+    table = Table(title=f"{model} on {domain}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in res.items():
+        if isinstance(v, (int, float)):
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+@main.group()
+def data() -> None:
+    """The embedded default pool and the domain data cards."""
+
+
+@data.command(name="cards")
+@user_errors
+def data_cards() -> None:
+    """List the domain data cards and which sources resolve here."""
+    from rich.table import Table
+
+    from p2d.cards import available_domains, load_card
+
+    table = Table(title="data cards")
+    for col in ("domain", "train source used", "seed", "eval", "license"):
+        table.add_column(col)
+    for d in available_domains():
+        card = load_card(d)
+        table.add_row(d, card.train_source(), card.seed, str(card.eval_source()), card.license)
+    console.print(table)
+
+
+@data.command(name="pool")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Write the embedded pool as JSONL here.")
+@user_errors
+def data_pool(out: str) -> None:
+    """Build the embedded default pool (code, math, general) and write it as JSONL."""
+    from collections import Counter
+
+    from p2d.default_pool import build_pool
+    from p2d.io import write_jsonl
+
+    rows = build_pool()
+    write_jsonl(out, rows)
+    console.print(f"{len(rows)} rows {dict(Counter(r['domain'] for r in rows))} -> {out}")
+
+
 if __name__ == "__main__":
     main()

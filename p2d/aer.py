@@ -83,3 +83,40 @@ def write_aer(out_dir: str | Path, report: dict) -> None:
     out_dir = Path(out_dir)
     write_json(out_dir / "aer.json", report)
     plot_aer(report, out_dir / "aer.png")
+
+
+def measure_reference(model_spec: str, data: list, pad_id: int, config, steps: int = 4, seed: int = 0,
+                      work_dir: str | Path | None = None) -> dict:
+    """T_ref: full-parameter training on the whole pool, timed on `steps` steps and extrapolated.
+
+    The timed steps use a seeded random sample of the pool, batched like the real run (length
+    grouping), after one untimed warm-up step. T_ref = pool tokens × epochs / measured tokens/s.
+    """
+    import random
+    import shutil
+    import tempfile
+    from dataclasses import replace
+
+    from p2d.geometry import AttentionGeometry
+    from p2d.masking import apply_scope
+    from p2d.models import load_model
+    from p2d.trainer import train
+
+    model, _ = load_model(model_spec)
+    apply_scope(model, AttentionGeometry.from_config(model.config), "full")
+    rng = random.Random(seed)
+    sample = rng.sample(data, min(len(data), (steps + 1) * config.batch_size * config.grad_accum))
+    work = Path(tempfile.mkdtemp(dir=work_dir))
+    try:
+        warm = replace(config, max_steps=1, save_every=10**9)
+        train(model, sample[: config.batch_size * config.grad_accum], pad_id, warm, work / "warmup", progress=False)
+        timed = train(model, sample, pad_id, replace(config, max_steps=steps, save_every=10**9), work / "timed",
+                      progress=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    pool_tokens = sum(min(len(t), config.max_length) for t in data)
+    epochs = config.epochs if config.max_steps is None else 1
+    seconds = pool_tokens * epochs / timed.tokens_per_s
+    return {"seconds": seconds, "method": f"extrapolated from {steps} timed full-parameter steps",
+            "tokens_per_s": timed.tokens_per_s, "pool_tokens": pool_tokens, "epochs": epochs,
+            "samples": len(data)}

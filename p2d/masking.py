@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torch import nn
 
 from p2d import P2DError
 from p2d.geometry import PROJECTIONS, AttentionGeometry, attention, decoder_layers, projection
-from p2d.io import write_json
+from p2d.io import atomic_dir, write_json
 
 # `random` and `lc` are the `heads` scope with another head list (p2d/selection.py chooses it).
 HEAD_ALIASES = ("random", "lc")
@@ -211,28 +210,12 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, heads_json_path: 
               "hidden_size": geom.hidden_size, "model_type": geom.model_type,
               "base_model": base_model or getattr(model.config, "_name_or_path", None),
               "trainable_params": info.trainable_params}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(state if state is not None else adapter_state(model), str(tmp / ADAPTER_WEIGHTS))
         write_json(tmp / ADAPTER_CONFIG, config)
         if heads_json_path is not None:
             shutil.copyfile(heads_json_path, tmp / "heads.json")
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Put directory `tmp` at `final`; an existing `final` is moved aside first and removed after."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> ScopeInfo:
@@ -280,17 +263,11 @@ def merge_adapter(base_spec: str | os.PathLike, adapter_dir: str | os.PathLike,
     except (P2DError, OSError, ValueError):  # a bare weights directory: the checkpoint is still usable
         tok = None
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tok is not None:
             tok.save_pretrained(tmp)
         heads = Path(adapter_dir) / "heads.json"
         if heads.is_file():
             shutil.copyfile(heads, tmp / "heads.json")
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

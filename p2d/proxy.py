@@ -6,15 +6,13 @@ Attention q/k/v only, on a small slice of the domain's data: the ALPS paper (Tab
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from p2d.geometry import AttentionGeometry
 from p2d.io import write_json
-from p2d.models import load_model
+from p2d.models import load_model, save_model
 from p2d.tokens import Example, tokenize
 
 
@@ -44,15 +42,7 @@ def run_proxy(base: str, examples: list[Example], out_dir: str | Path, config: P
                                max_length=config.max_length, seed=config.seed, save_every=10**9),
                    out_dir / "train", progress=progress)
     task_dir = out_dir / "task_model"
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".task_model."))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if task_dir.exists():
-            shutil.rmtree(task_dir)
-        os.replace(tmp, task_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tok, task_dir)
     write_json(out_dir / "proxy.json", {"base": base, "samples": len(data), **asdict(config),
                                         "train": {"steps": result.steps, "seconds": result.seconds,
                                                   "final_loss": result.final_loss}})

@@ -24,8 +24,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from p2d import P2DError
-from p2d.io import write_json
-from p2d.masking import adapter_state, replace_dir, save_adapter
+from p2d.io import replace_dir, write_json
+from p2d.masking import adapter_state, save_adapter
 from p2d.models import default_device, default_dtype
 from p2d.tokens import IGNORE, Tokenized, collate, length_batches
 

@@ -1,0 +1,113 @@
+"""`p2d mine`: score a data pool by what the chosen heads do on it, keep the top data-frac, export it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from p2d import P2DError
+from p2d.geometry import AttentionGeometry
+from p2d.io import write_json
+from p2d.models import DEFAULT_MODEL, load_config, resolve_model
+
+console = Console(stderr=True)
+DEFAULT_POOL = "p2d:default"
+
+
+@dataclass
+class MineConfig:
+    heads: str | None = None
+    data: str = DEFAULT_POOL
+    model: str = DEFAULT_MODEL
+    target: str | None = None
+    domain: str | None = None
+    data_frac: float = 0.1
+    mining_heads: str = "alps"
+    quality: str = "none"
+    quality_weight: float = 0.5
+    selector: str = "p2d"
+    pooling: str = "mean"
+    dedup: float | None = None
+    index: str = "auto"
+    max_length: int = 256
+    batch_size: int = 16
+    parquet: bool = False
+    fields: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        from p2d.mining import n_selected
+
+        n_selected(self.data_frac, 1)
+        if self.selector == "p2d" and self.mining_heads == "alps" and not self.heads:
+            raise P2DError("--mining-heads alps needs --heads heads.json (from `p2d localize`)")
+        if self.heads and not Path(self.heads).is_file():
+            raise P2DError(f"--heads: file not found: {self.heads}")
+        if not (self.target or self.domain):
+            raise P2DError("mining needs a target: pass --target FILE or --domain (its data card's seed set)")
+
+
+def target_source(cfg: MineConfig) -> str:
+    from p2d.cards import load_card
+
+    return cfg.target or load_card(cfg.domain).seed
+
+
+def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Run the mine command; returns the summary written to out_dir/mine.json."""
+    from p2d.data import load_examples
+    from p2d.exports import export_subset
+    from p2d.mining import mine
+    from p2d.models import load_model
+    from p2d.selection import read_heads_json
+    from p2d.tokens import tokenize
+
+    cfg.validate()
+    out_dir = Path(out_dir)
+    geom = AttentionGeometry.from_config(load_config(cfg.model))
+    heads = read_heads_json(cfg.heads, geom).heads if cfg.heads else None  # wrong model: fails before any work
+    start = time.perf_counter()
+    pool = load_examples(cfg.data, fields=cfg.fields)
+    tsource = target_source(cfg)
+    target = load_examples(tsource, domain=cfg.domain)
+    model, tok = load_model(cfg.model)
+    load_s = time.perf_counter() - start
+    console.print(f"[bold]mine[/] {len(pool)} pool samples from {cfg.data}, target {len(target)} from {tsource}, "
+                  f"selector {cfg.selector}" + (f", heads {cfg.mining_heads}" if cfg.selector == "p2d" else ""))
+    result = mine(model, tokenize(pool, tok, cfg.max_length), tokenize(target, tok, cfg.max_length),
+                  data_frac=cfg.data_frac, selector=cfg.selector, heads=heads, head_set=cfg.mining_heads,
+                  n_heads=None if heads else max(1, round(0.1 * geom.total_heads)), pooling=cfg.pooling,
+                  quality=cfg.quality, quality_weight=cfg.quality_weight, tokenizer=tok,
+                  dedup_threshold=cfg.dedup, index=cfg.index, seed=cfg.seed, batch_size=cfg.batch_size,
+                  store_dir=out_dir / "store", model_id=resolve_model(cfg.model), progress=progress)
+    start = time.perf_counter()
+    paths = export_subset(out_dir, pool, result, source_format=Path(cfg.data).suffix, parquet=cfg.parquet)
+    summary = {"model": cfg.model, "pool": cfg.data, "target": tsource, "heads_file": cfg.heads,
+               "mining_heads": cfg.mining_heads if cfg.selector == "p2d" else None, **result.summary,
+               "outputs": {k: str(v) for k, v in paths.items()}}
+    summary["timings"] = {"load_s": round(load_s, 3), **summary.get("timings", {}),
+                          "export_s": round(time.perf_counter() - start, 3)}
+    write_json(out_dir / "mine.json", summary)
+    console.print(mine_table(summary))
+    return summary
+
+
+def mine_table(summary: dict) -> Table:
+    table = Table(title=f"mined {summary['counts']['selected']} of {summary['counts']['pool']} samples "
+                        f"({summary['selector']})")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for name, info in (summary.get("head_sets") or {}).items():
+        if isinstance(info, dict):
+            table.add_row(f"separation AUROC, {name} heads", f"{info['separation_auroc']}")
+    if summary.get("separation_auroc") is not None:
+        table.add_row("separation AUROC, features used", f"{summary['separation_auroc']}")
+    if summary.get("feature_dim"):
+        table.add_row("feature dim", str(summary["feature_dim"]))
+    for k, v in summary["timings"].items():
+        table.add_row(k.replace("_s", " (s)"), f"{v:.1f}")
+    return table

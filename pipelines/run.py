@@ -1,0 +1,201 @@
+"""`p2d run`: proxy → localize → mine → train → report, each stage cached in the run directory.
+
+Running the same command again reuses every finished stage; a run killed during mining or
+training resumes from its feature-store shards or trainer checkpoint; `from_stage` redoes a stage
+and everything after it. Changing a stage's options re-runs that stage and the ones after it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from rich.console import Console
+
+from p2d import P2DError
+from p2d.aer import Ledger, aer_report, aer_table, measure_reference, write_aer
+from p2d.io import read_json, write_json, write_text
+from p2d.models import DEFAULT_MODEL
+from p2d.proxy import ProxyConfig
+from p2d.trainer import TrainConfig
+from p2d.pipelines.localize import LocalizeConfig, make_task_model, proxy_source, score_and_select
+from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool
+from p2d.pipelines.stages import Stage, fingerprint
+from p2d.pipelines.train import TrainRunConfig, train_model
+
+console = Console(stderr=True)
+STAGE_ORDER = ("proxy", "localize", "mine", "train", "reference")
+
+
+@dataclass
+class RunConfig:
+    domain: str = "code"
+    model: str = DEFAULT_MODEL
+    task_model: str | None = None
+    pool: str = DEFAULT_POOL
+    target: str | None = None
+    proxy_data: str | None = None
+    data_frac: float = 0.1
+    head_frac: float = 0.1
+    metric: str = "w1"
+    head_method: str = "top"
+    mining_heads: str = "alps"
+    quality: str = "none"
+    selector: str = "p2d"
+    scope: str = "heads"
+    mine_max_length: int = 256
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, max_length=256))
+    reference_steps: int = 4
+    measure_reference: bool = False
+    evaluate: bool = False
+    eval_limit: int | None = 20
+    seed: int = 0
+
+    def localize_config(self) -> LocalizeConfig:
+        return LocalizeConfig(model=self.model, task_model=self.task_model, domain=self.domain,
+                              proxy_data=self.proxy_data, proxy=self.proxy, head_frac=self.head_frac,
+                              metric=self.metric, method=self.head_method, seed=self.seed)
+
+    def mine_config(self, heads: str) -> MineConfig:
+        return MineConfig(heads=heads, data=self.pool, model=self.model, target=self.target, domain=self.domain,
+                          data_frac=self.data_frac, mining_heads=self.mining_heads, quality=self.quality,
+                          selector=self.selector, max_length=self.mine_max_length, seed=self.seed)
+
+    def validate(self) -> None:
+        """Every option checked before the first stage starts, so a typo never costs a proxy run."""
+        from p2d.cards import load_card
+
+        from p2d.mining import n_selected
+        from p2d.pipelines.train import check_train_options
+
+        load_card(self.domain)
+        self.localize_config().validate()
+        n_selected(self.data_frac, 1)
+        check_train_options(self.scope, self.train)
+
+
+def _stage_options(cfg: RunConfig) -> dict[str, dict]:
+    d = asdict(cfg)
+    return {
+        "proxy": {k: d[k] for k in ("domain", "model", "task_model", "proxy_data", "proxy")},
+        "localize": {k: d[k] for k in ("head_frac", "metric", "head_method", "seed")},
+        "mine": {k: d[k] for k in ("pool", "target", "data_frac", "mining_heads", "quality", "selector",
+                                   "mine_max_length")},
+        "train": {k: d[k] for k in ("scope", "train")},
+        "reference": {k: d[k] for k in ("pool", "model", "train", "reference_steps", "measure_reference")},
+    }
+
+
+def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = None, progress: bool = True) -> dict:
+    """Run (or resume) every stage in `run_dir`; returns the AER report."""
+    if from_stage is not None and from_stage not in STAGE_ORDER:
+        raise P2DError(f"--from-stage must be one of {', '.join(STAGE_ORDER)}, got {from_stage!r}")
+    cfg.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "run.json", {"config": asdict(cfg)})
+    ledger = Ledger(run_dir / "ledger.json")
+    options = _stage_options(cfg)
+    stages, prev = {}, ""
+    for name in STAGE_ORDER:
+        prev = fingerprint(options[name], prev if name != "reference" else "")
+        stages[name] = Stage(name, run_dir / name, prev)
+    forced = set(STAGE_ORDER[STAGE_ORDER.index(from_stage):]) if from_stage else set()
+
+    def run_stage(name: str, fn, timed: bool = True):
+        stage = stages[name]
+        if stage.is_done() and name not in forced:
+            console.print(f"[green]✓ {name}[/] reused from {stage.dir}")
+            return stage.state()["summary"]
+        stage.begin(force=name in forced)
+        console.rule(f"[bold]{name}")
+        if timed:
+            with ledger.stage(name):
+                summary = fn(stage.dir)
+        else:
+            summary = fn(stage.dir)
+        stage.finish(summary)
+        return summary
+
+    proxy = run_stage("proxy", lambda d: {"task_model": make_task_model(cfg.localize_config(), d.parent, progress)})
+    loc = run_stage("localize", lambda d: {"heads": str(score_and_select(cfg.localize_config(), proxy["task_model"], d))})
+    heads = loc["heads"]
+    mined = run_stage("mine", lambda d: mine_pool(cfg.mine_config(heads), d, progress))
+    subset = mined["outputs"]["selected.jsonl"]
+    trained = run_stage("train", lambda d: train_model(
+        TrainRunConfig(data=subset, model=cfg.model, heads=heads, scope=cfg.scope, train=cfg.train), d, progress))
+    reference = run_stage("reference", lambda d: _reference(cfg, d, progress), timed=False)
+
+    report = aer_report(ledger, reference)
+    report["subset"] = {"selected": mined["counts"]["selected"], "pool": mined["counts"]["pool"], "path": subset}
+    report["heads"] = {"selected": len(read_json(heads)["selected"]), "path": heads}
+    report["trainable_params"] = trained["trainable_params"]
+    if cfg.evaluate:
+        report["eval"] = _evaluate(cfg, run_dir, trained)
+    write_aer(run_dir, report)
+    write_text(run_dir / "report.md", _report_md(cfg, report, run_dir))
+    console.print(aer_table(report))
+    console.print(f"report: {run_dir / 'report.md'}")
+    return report
+
+
+def _reference(cfg: RunConfig, out: Path, progress: bool) -> dict:
+    """Full-data, full-parameter training cost: extrapolated from a short timed run, or measured in full."""
+    from p2d.data import load_examples
+    from p2d.models import load_tokenizer
+    from p2d.tokens import tokenize
+
+    tok = load_tokenizer(cfg.model)
+    pool = tokenize(load_examples(cfg.pool), tok, cfg.train.max_length)
+    if not cfg.measure_reference:
+        return measure_reference(cfg.model, pool, tok.pad_token_id, cfg.train, cfg.reference_steps, cfg.seed, out)
+    start = time.perf_counter()
+    train_model(TrainRunConfig(data=cfg.pool, model=cfg.model, scope="full", train=cfg.train), out, progress)
+    return {"seconds": time.perf_counter() - start, "method": "measured: full run", "samples": len(pool)}
+
+
+def _evaluate(cfg: RunConfig, run_dir: Path, trained: dict) -> dict:
+    from p2d.evaluate import evaluate
+
+    out = {}
+    for name, model in (("base", cfg.model), ("trained", str(run_dir / "train" / "model"))):
+        out[name] = evaluate(model, cfg.domain, task_limit=cfg.eval_limit)
+    return out
+
+
+def _report_md(cfg: RunConfig, report: dict, run_dir: Path) -> str:
+    rows = "\n".join(f"| {k} | {v['seconds']:.1f} | {v['seconds'] / report['reference']['seconds']:.1%} |"
+                     for k, v in report["stages"].items())
+    lines = [
+        f"# p2d run: domain {cfg.domain}",
+        "",
+        f"`p2d run --domain {cfg.domain} --data-frac {cfg.data_frac} --head-frac {cfg.head_frac}` "
+        f"on model `{cfg.model}`, pool `{cfg.pool}`.",
+        "",
+        f"- heads: {report['heads']['selected']} selected (`{report['heads']['path']}`)",
+        f"- subset: {report['subset']['selected']} of {report['subset']['pool']} samples (`{report['subset']['path']}`)",
+        f"- trainable parameters: {report['trainable_params']:,} (scope `{cfg.scope}`)",
+        "",
+        "## Cost (AER)",
+        "",
+        "| stage | seconds | share of reference |",
+        "|---|---:|---:|",
+        rows,
+        f"| **P2D total** | **{report['total_seconds']:.1f}** | **{report['aer']:.1%}** |",
+        f"| reference ({report['reference']['method']}) | {report['reference']['seconds']:.1f} | 100% |",
+        "",
+        f"AER = {report['aer']:.3f}, speedup = {report['speedup']:.2f}x.",
+        "",
+        "![AER](aer.png)",
+        "",
+        "## Heads",
+        "",
+        f"![heads]({Path(report['heads']['path']).parent.relative_to(run_dir) / 'heads.png'})",
+    ]
+    if "eval" in report:
+        lines += ["", "## Evaluation", "", "| model | metric | value |", "|---|---|---:|"]
+        for name, res in report["eval"].items():
+            lines += [f"| {name} | {k} | {v:.4f} |" for k, v in res.items() if isinstance(v, float)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,93 @@
+"""`p2d train`: fine-tune one model in a given scope and save it merged (plain HF) and as a delta adapter."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from p2d import P2DError
+from p2d.geometry import AttentionGeometry
+from p2d.io import write_json
+from p2d.models import DEFAULT_MODEL, load_model, save_model
+from p2d.trainer import TrainConfig
+
+console = Console(stderr=True)
+HEAD_SCOPES = ("heads", "alps", "random", "lc")
+SCOPES = (*HEAD_SCOPES, "full", "no-attn", "lora", "qkv")
+
+
+@dataclass
+class TrainRunConfig:
+    data: str
+    model: str = DEFAULT_MODEL
+    heads: str | None = None
+    scope: str = "heads"
+    train_o: bool = False
+    lora_rank: int = 128
+    fields: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        check_train_options(self.scope, self.train)
+        if self.scope in HEAD_SCOPES and not self.heads:
+            raise P2DError(f"--scope {self.scope} trains selected heads: pass --heads heads.json")
+        if self.heads and not Path(self.heads).is_file():
+            raise P2DError(f"--heads: file not found: {self.heads}")
+
+
+def check_train_options(scope: str, t: TrainConfig) -> None:
+    """Options that are wrong whatever the data: checked before any stage runs."""
+    if scope not in SCOPES:
+        raise P2DError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if t.max_steps is None and t.epochs <= 0:
+        raise P2DError(f"--epochs must be positive, got {t.epochs}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise P2DError(f"--max-steps must be positive, got {t.max_steps}")
+    if t.lr <= 0:
+        raise P2DError(f"--lr must be positive, got {t.lr}")
+    if t.batch_size <= 0 or t.grad_accum <= 0:
+        raise P2DError("--batch-size and --grad-accum must be positive")
+
+
+def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Train, then write out_dir/model (merged), out_dir/adapter (head scopes) and out_dir/train.json."""
+    from p2d.data import load_examples
+    from p2d.masking import apply_scope, merge_adapter, merge_deltas
+    from p2d.selection import read_heads_json
+    from p2d.tokens import tokenize
+    from p2d.trainer import train
+
+    cfg.validate()
+    out_dir = Path(out_dir)
+    examples = load_examples(cfg.data, fields=cfg.fields)
+    model, tok = load_model(cfg.model)
+    geom = AttentionGeometry.from_config(model.config)
+    heads = read_heads_json(cfg.heads, geom).heads if cfg.heads else None
+    info = apply_scope(model, geom, cfg.scope, heads, train_o=cfg.train_o, lora_rank=cfg.lora_rank)
+    console.print(f"[bold]train[/] scope {cfg.scope}: {info.trainable_params:,} of {info.total_params:,} "
+                  f"parameters trainable ({info.trainable_params / info.total_params:.2%}), {len(examples)} samples")
+    data = tokenize(examples, tok, cfg.train.max_length)
+    result = train(model, data, tok.pad_token_id, cfg.train, out_dir, progress=progress)  # adapter -> out_dir/adapter
+    if cfg.heads and (out_dir / "adapter").is_dir():
+        shutil.copyfile(cfg.heads, out_dir / "adapter" / "heads.json")
+    if cfg.train.deepspeed is None:
+        save_model(merge_deltas(model), tok, out_dir / "model")
+    elif _rank() == 0:  # ZeRO leaves the in-memory model partitioned: merge the gathered adapter instead
+        merge_adapter(cfg.model, out_dir / "adapter", out_dir / "model")
+    summary = {"model": cfg.model, "data": cfg.data, "samples": len(data), "scope": cfg.scope,
+               "heads": cfg.heads, "trainable_params": info.trainable_params, "total_params": info.total_params,
+               "config": asdict(cfg.train), "steps": result.steps, "seconds": result.seconds,
+               "tokens": result.tokens, "tokens_per_s": result.tokens_per_s, "final_loss": result.final_loss,
+               "resumed_from": result.resumed_from}
+    if _rank() == 0:
+        write_json(out_dir / "train.json", summary)
+    return summary
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
