@@ -1,0 +1,197 @@
+"""The p2d commands end to end on a tiny model: outputs, contracts, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import zipfile
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import save_tiny
+from p2d.cli.main import main
+
+
+def p2d(*args: str, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def perturbed_task_model(base, out, heads, scale=0.5):
+    """A copy of `base` whose chosen heads' q rows moved: ALPS must rank exactly these first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    hd = model.config.head_dim
+    torch.manual_seed(1)
+    for layer, head in heads:
+        w = model.model.layers[layer].self_attn.q_proj.weight
+        with torch.no_grad():
+            w[head * hd:(head + 1) * hd] += scale * torch.randn_like(w[head * hd:(head + 1) * hd])
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def localized(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loc")
+    task = perturbed_task_model(tiny_model, out / "task", [(1, 3), (3, 6)])
+    p2d("localize", "--model", tiny_model, "--task-model", task, "--head-frac", 2 / 32, "--out", out / "run")
+    return out / "run"
+
+
+def test_localize_contract_and_ranking(localized):
+    info = json.loads((localized / "heads.json").read_text())
+    for key in ("model", "task_model", "metric", "tau", "head_frac", "num_layers", "num_heads", "num_kv_heads", "selected"):
+        assert key in info
+    assert (info["num_layers"], info["num_heads"], info["num_kv_heads"]) == (4, 8, 2)
+    sel = info["selected"]
+    assert {(s["layer"], s["head"]) for s in sel} == {(1, 3), (3, 6)}
+    assert [s["rank"] for s in sel] == [1, 2] and sel[0]["score"] >= sel[1]["score"]
+    assert [s["kv_group"] for s in sel] == [s["head"] // 4 for s in sel]
+    scores = np.load(localized / "head_scores.npy")
+    assert scores.dtype == np.float64 and scores.shape == (4, 8)
+    assert (localized / "heads.png").stat().st_size > 1000
+
+
+def test_localize_with_proxy_run(tiny_model, small_pool, tmp_path):
+    p2d("localize", "--model", tiny_model, "--proxy-data", small_pool, "--proxy-samples", 8, "--proxy-steps", 2,
+        "--head-frac", 0.1, "--out", tmp_path)
+    info = json.loads((tmp_path / "heads.json").read_text())
+    assert len(info["selected"]) == math.ceil(0.1 * 32)
+    assert (tmp_path / "proxy" / "task_model" / "config.json").is_file()
+    timings = json.loads((tmp_path / "localize.json").read_text())
+    assert timings["proxy_seconds"] > 0 and timings["localize_seconds"] > 0
+
+
+@pytest.mark.parametrize("frac", ["0", "1.5", "-0.1"])
+def test_localize_rejects_head_frac(tiny_model, tmp_path, frac):
+    r = p2d("localize", "--model", tiny_model, "--task-model", tiny_model, "--head-frac", frac, "--out", tmp_path, ok=False)
+    assert r.exit_code == 2 and "head-frac" in r.output and "(0, 1]" in r.output
+    assert not (tmp_path / "heads.json").exists()
+
+
+def test_localize_rejects_unknown_architecture(tiny_model, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    r = p2d("localize", "--model", tmp_path / "gpt2", "--task-model", tmp_path / "gpt2", "--out", tmp_path / "o", ok=False)
+    assert r.exit_code == 2 and "unsupported architecture 'gpt2'" in r.output
+
+
+def test_localize_rejects_mismatched_models(tiny_model, tmp_path):
+    other = save_tiny(tmp_path / "other", num_key_value_heads=4)
+    r = p2d("localize", "--model", tiny_model, "--task-model", other, "--out", tmp_path / "o", ok=False)
+    assert r.exit_code == 2 and "does not match the base model" in r.output and "num_kv_heads" in r.output
+
+
+def test_localize_rejects_malformed_proxy_data(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    r = p2d("localize", "--model", tiny_model, "--proxy-data", bad, "--out", tmp_path / "o", ok=False)
+    assert r.exit_code == 2 and f"{bad}:2" in r.output
+
+
+@pytest.fixture(scope="module")
+def mined(tiny_model, small_pool, localized, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mine")
+    p2d("mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool, "--domain", "code",
+        "--data-frac", 0.25, "--out", out)
+    return out
+
+
+def test_mine_exports_pool_rows_unchanged(mined, small_pool):
+    pool = [json.loads(line) for line in small_pool.read_text().splitlines()]
+    selected = [json.loads(line) for line in (mined / "selected.jsonl").read_text().splitlines()]
+    assert len(selected) == math.ceil(0.25 * len(pool))
+    assert all(row in pool for row in selected)  # every original field kept, nothing added
+    with open(mined / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(pool) and sum(int(r["selected"]) for r in rows) == len(selected)
+    info = json.loads((mined / "dataset_info.json").read_text())
+    assert next(iter(info.values()))["file_name"] == "selected.jsonl"
+    summary = json.loads((mined / "mine.json").read_text())
+    assert summary["counts"] == {"pool": 48, "target": summary["counts"]["target"], "selected": 12}
+    assert set(summary["head_sets"]) >= {"alps", "random", "discriminative"}
+    assert {"extract_s", "index_s", "select_s"} <= set(summary["timings"])
+
+
+def test_mine_rejects_heads_of_another_model(tiny_model, small_pool, tmp_path):
+    other = save_tiny(tmp_path / "other", num_hidden_layers=2)
+    p2d("localize", "--model", other, "--task-model", other, "--out", tmp_path / "loc")
+    r = p2d("mine", "--model", tiny_model, "--heads", tmp_path / "loc" / "heads.json", "--data", small_pool,
+            "--domain", "code", "--out", tmp_path / "m", ok=False)
+    assert r.exit_code == 2 and "heads.json" in r.output and "layers" in r.output
+
+
+@pytest.mark.parametrize("case", ["empty pool", "data-frac", "empty target"])
+def test_mine_bad_input(tiny_model, small_pool, localized, tmp_path, case):
+    args = ["mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool,
+            "--domain", "code", "--out", tmp_path / "m"]
+    if case == "empty pool":
+        (tmp_path / "empty.jsonl").write_text("")
+        args[6], expected = tmp_path / "empty.jsonl", "empty.jsonl"
+    elif case == "data-frac":
+        args += ["--data-frac", "1.5"]
+        expected = "data-frac"
+    else:
+        (tmp_path / "t.jsonl").write_text(json.dumps({"instruction": "x", "output": ""}) + "\n")
+        args += ["--target", tmp_path / "t.jsonl"]
+        expected = "t.jsonl"
+    r = p2d(*args, ok=False)
+    assert r.exit_code == 2 and expected in r.output, r.output
+    assert not (tmp_path / "m" / "selected.jsonl").exists()
+
+
+def test_train_merged_checkpoint_loads_without_p2d(tiny_model, localized, mined, tmp_path):
+    p2d("train", "--model", tiny_model, "--heads", localized / "heads.json", "--data", mined / "selected.jsonl",
+        "--scope", "heads", "--max-steps", 3, "--lr", 1e-2, "--out", tmp_path)
+    summary = json.loads((tmp_path / "train.json").read_text())
+    hd, d = 8, 64
+    assert summary["trainable_params"] == 2 * hd * d + 2 * 2 * hd * d  # 2 q heads, 2 distinct KV groups (k and v)
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM as M; "
+            "m = M.from_pretrained(sys.argv[1]); print(m(torch.tensor([[1, 2, 3]])).logits.sum().item())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model")], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    from p2d.masking import merge_adapter
+
+    merge_adapter(tiny_model, tmp_path / "adapter", tmp_path / "remerged")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "remerged")
+    assert abs(float(out.stdout) - again(torch.tensor([[1, 2, 3]])).logits.sum().item()) < 1e-3
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    changed = {n for n, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[n])}
+    assert changed == {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+                       "model.layers.1.self_attn.v_proj.weight", "model.layers.3.self_attn.q_proj.weight",
+                       "model.layers.3.self_attn.k_proj.weight", "model.layers.3.self_attn.v_proj.weight"}
+
+
+def test_train_needs_heads_for_head_scope(tiny_model, small_pool, tmp_path):
+    r = p2d("train", "--model", tiny_model, "--data", small_pool, "--scope", "heads", "--out", tmp_path, ok=False)
+    assert r.exit_code == 2 and "--heads" in r.output
+
+
+def test_wheel_installs_only_the_p2d_package(tmp_path):
+    """No top-level `cli` (or pipelines, data_cards) module in site-packages: everything lives under p2d."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(root)],
+                   check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("p2d-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    name, version = wheel.name.split("-")[:2]
+    assert tops == {"p2d", f"{name}-{version}.dist-info"}
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"p2d/cli/main.py", "p2d/pipelines/run.py", "p2d/data_cards/code.md"} <= set(names)

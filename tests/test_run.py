@@ -1,0 +1,106 @@
+"""`p2d run` on a tiny model: the AER contract, stage reuse, resume after a kill, and intact stages on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from p2d import P2DError
+from p2d.pipelines.run import RunConfig, run_pipeline
+from p2d.proxy import ProxyConfig
+from p2d.trainer import TrainConfig
+
+
+def config(tiny_model, data, **kw) -> RunConfig:
+    base = dict(model=str(tiny_model), pool=str(data), proxy_data=str(data), data_frac=0.25, head_frac=0.1,
+                proxy=ProxyConfig(samples=8, steps=2), reference_steps=1,
+                train=TrainConfig(lr=1e-2, max_steps=4, max_length=128, save_every=1))
+    return RunConfig(**(base | kw))
+
+
+def stage_state(run, name):
+    return json.loads((run / name / ".p2d-stage.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, small_pool, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    report = run_pipeline(config(tiny_model, small_pool), run, progress=False)
+    return run, report
+
+
+def test_report_contract(finished):
+    run, report = finished
+    aer = json.loads((run / "aer.json").read_text())
+    assert set(aer["stages"]) == {"proxy", "localize", "mine", "train"}
+    assert all(aer["stages"][s]["seconds"] > 0 for s in aer["stages"])
+    assert aer["total_seconds"] == pytest.approx(sum(s["seconds"] for s in aer["stages"].values()))
+    assert aer["reference"]["seconds"] > 0 and "extrapolated" in aer["reference"]["method"]
+    assert aer["aer"] == pytest.approx(aer["total_seconds"] / aer["reference"]["seconds"])
+    assert aer["speedup"] == pytest.approx(1 / aer["aer"])
+    assert (run / "aer.png").stat().st_size > 1000
+    md = (run / "report.md").read_text()
+    assert "AER" in md and "heads.png" in md and f"{aer['subset']['selected']} of 48" in md
+    assert (run / "train" / "model" / "config.json").is_file()
+
+
+def test_second_run_reuses_every_stage(finished, tiny_model, small_pool):
+    run, report = finished
+    before = {s: (run / s / ".p2d-stage.json").stat().st_mtime_ns for s in ("proxy", "localize", "mine", "train", "reference")}
+    heads = (run / "localize" / "heads.json").read_bytes()
+    again = run_pipeline(config(tiny_model, small_pool), run, progress=False)
+    after = {s: (run / s / ".p2d-stage.json").stat().st_mtime_ns for s in before}
+    assert after == before
+    assert (run / "localize" / "heads.json").read_bytes() == heads
+    assert again["stages"] == report["stages"]  # reused stages keep the cost they had when they ran
+
+
+def test_changed_option_reruns_from_that_stage(finished, tiny_model, small_pool):
+    run, _ = finished
+    mine_before = stage_state(run, "mine")
+    run_pipeline(config(tiny_model, small_pool, scope="alps"), run, progress=False)
+    assert stage_state(run, "mine") == mine_before
+    assert json.loads((run / "train" / "train.json").read_text())["scope"] == "alps"
+
+
+def test_killed_training_resumes(tiny_model, small_pool, tmp_path, monkeypatch):
+    from p2d import trainer
+
+    real_save = trainer._Run.save
+    calls = {"n": 0}
+
+    def dying_save(self, out_dir, state):
+        real_save(self, out_dir, state)
+        calls["n"] += out_dir == tmp_path / "train"
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(trainer._Run, "save", dying_save)
+    cfg = config(tiny_model, small_pool)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, tmp_path, progress=False)
+    assert stage_state(tmp_path, "mine")["done"] and not stage_state(tmp_path, "train")["done"]
+    monkeypatch.setattr(trainer._Run, "save", real_save)
+    run_pipeline(cfg, tmp_path, progress=False)
+    summary = json.loads((tmp_path / "train" / "train.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["steps"] == 4
+
+
+def test_bad_pool_fails_at_mine_and_keeps_earlier_stages(finished, tiny_model, small_pool, tmp_path):
+    run, _ = finished
+    heads = (run / "localize" / "heads.json").read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
+    with pytest.raises(P2DError, match=r"bad\.jsonl:2"):
+        run_pipeline(config(tiny_model, small_pool, pool=str(bad)), run, progress=False)
+    assert stage_state(run, "proxy")["done"] and stage_state(run, "localize")["done"]
+    assert (run / "localize" / "heads.json").read_bytes() == heads
+
+
+@pytest.mark.parametrize("kw, match", [({"data_frac": 0.0}, "data-frac"), ({"head_frac": 2.0}, "head-frac"),
+                                       ({"domain": "poetry"}, "poetry"), ({"scope": "everything"}, "scope")])
+def test_bad_options_fail_before_any_stage(tiny_model, small_pool, tmp_path, kw, match):
+    with pytest.raises(P2DError, match=match):
+        run_pipeline(config(tiny_model, small_pool, **kw), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "proxy").exists()
