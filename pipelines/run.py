@@ -44,9 +44,9 @@ class RunConfig:
     quality: str = "none"
     selector: str = "p2d"
     scope: str = "heads"
-    mine_max_length: int = 256
+    mine_max_length: int = 128
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, max_length=256))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_length=256))
     reference_steps: int = 4
     measure_reference: bool = False
     evaluate: bool = False
@@ -161,7 +161,8 @@ def _evaluate(cfg: RunConfig, run_dir: Path, trained: dict) -> dict:
 
     out = {}
     for name, model in (("base", cfg.model), ("trained", str(run_dir / "train" / "model"))):
-        out[name] = evaluate(model, cfg.domain, task_limit=cfg.eval_limit)
+        res = evaluate(model, cfg.domain, task_limit=cfg.eval_limit, out=run_dir / f"eval-{name}.json")
+        out[name] = {k: v for k, v in res.items() if k != "task_results"}  # per-task details stay in eval-*.json
     return out
 
 
