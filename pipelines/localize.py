@@ -73,7 +73,7 @@ def score_and_select(cfg: LocalizeConfig, task_model: str, out_dir: Path) -> Pat
 
     base_dir = resolve_model(cfg.model)
     geom = AttentionGeometry.from_config(load_config(base_dir))
-    AttentionGeometry.from_config(load_config(task_model)).check_same(geom, f"task model {task_model}")
+    geom.check_same(AttentionGeometry.from_config(load_config(task_model)), f"task model {task_model}")
     scores = score_heads(base_dir, task_model, metric=cfg.metric, tau=cfg.tau, variant=cfg.variant)
     selected = select_heads(scores, cfg.head_frac, method=cfg.method, seed=cfg.seed)
     save_npy(out_dir / "head_scores.npy", scores)

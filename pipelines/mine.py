@@ -33,7 +33,7 @@ class MineConfig:
     pooling: str = "mean"
     dedup: float | None = None
     index: str = "auto"
-    max_length: int = 256
+    max_length: int = 128  # tokens read per sample: the prompt and the start of the response place it
     batch_size: int = 16
     parquet: bool = False
     fields: str | None = None
