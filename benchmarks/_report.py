@@ -6,7 +6,6 @@ without clobbering each other's tables. Every section states the machine and the
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -70,3 +69,13 @@ def table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def emit(name: str, title: str, markdown: str, results: dict, local_dir: Path | None) -> None:
+    """Publish to docs/, or, for --quick and --no-publish runs, write to `local_dir` only."""
+    if local_dir is None:
+        publish(name, title, markdown, results)
+        return
+    write_json(local_dir / f"{name}.json", results)
+    write_text(local_dir / f"{name}.md", markdown)
+    print(f"\nwritten to {local_dir} (not published)")

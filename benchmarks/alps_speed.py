@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import publish, table  # noqa: E402
+from _report import emit, table  # noqa: E402
 
 from p2d.alps import SafetensorsReader, score_heads  # noqa: E402
 from p2d.geometry import AttentionGeometry  # noqa: E402
-from p2d.io import write_json, write_text  # noqa: E402
 from p2d.models import default_device, resolve_model  # noqa: E402
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -131,13 +130,8 @@ def main() -> None:
     ])
     print(md)
     results = {"device": str(device), "repeats": args.repeats, "rows": rows}
-    if args.quick or args.no_publish:
-        out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="p2d-bench-alps-speed-"))
-        write_json(out_dir / "alps_speed.json", results)
-        write_text(out_dir / "alps_speed.md", md)
-        print(f"\nwritten to {out_dir} (not published)")
-    else:
-        publish("alps_speed", "ALPS scoring time", md, results)
+    local = (args.out_dir or Path(tempfile.mkdtemp(prefix="p2d-bench-alps-speed-"))) if args.quick or args.no_publish else None
+    emit("alps_speed", "ALPS scoring time", md, results, local)
 
 
 if __name__ == "__main__":

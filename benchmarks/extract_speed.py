@@ -22,14 +22,13 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import publish, table  # noqa: E402
+from _report import emit, table  # noqa: E402
 from pools import build_mixed_pool  # noqa: E402
 
 from p2d.data import to_examples  # noqa: E402
 from p2d.evaluate import response_nll  # noqa: E402
 from p2d.features import extract_features  # noqa: E402
 from p2d.geometry import AttentionGeometry  # noqa: E402
-from p2d.io import write_json, write_text  # noqa: E402
 from p2d.models import load_model  # noqa: E402
 from p2d.tokens import Tokenized, tokenize  # noqa: E402
 
@@ -118,13 +117,8 @@ def main() -> None:
     results = {"model": MODEL, "threads": threads, "batch_size": args.batch_size, "repeats": args.repeats,
                "rows": rows, "findings": text}
     print(md)
-    if args.quick or args.no_publish:
-        out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="p2d-bench-extract-"))
-        write_json(out_dir / "extract_speed.json", results)
-        write_text(out_dir / "extract_speed.md", md)
-        print(f"\nwritten to {out_dir} (not published)")
-    else:
-        publish("extract_speed", "Mining extraction throughput (CPU)", md, results)
+    local = (args.out_dir or Path(tempfile.mkdtemp(prefix="p2d-bench-extract-"))) if args.quick or args.no_publish else None
+    emit("extract_speed", "Mining extraction throughput (CPU)", md, results, local)
 
 
 if __name__ == "__main__":

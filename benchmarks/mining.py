@@ -29,14 +29,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import publish, table  # noqa: E402
+from _report import emit, table  # noqa: E402
 from pools import build_mixed_pool  # noqa: E402
 
 from p2d import P2DError  # noqa: E402
 from p2d.data import to_examples  # noqa: E402
 from p2d.features import _nll_pass, _response_only, extract_features  # noqa: E402
 from p2d.geometry import AttentionGeometry  # noqa: E402
-from p2d.io import save_npy, write_json, write_text  # noqa: E402
+from p2d.io import save_npy  # noqa: E402
 from p2d.mining import (_pool_sample, affinity, combine, head_separations, head_set_separation, mine,  # noqa: E402
                         prototypes, random_heads, select, separation)
 from p2d.models import load_model  # noqa: E402
@@ -388,12 +388,8 @@ def main() -> None:
         results["verification_max_diff"] = verify(model, tok, pool_t, feats, alps, args.batch_size)
     md = markdown(meta, feats.passes, rows, sensitivity, text)
     print(md)
-    if args.quick or args.no_publish:
-        write_json(out_dir / "mining.json", results)
-        write_text(out_dir / "mining.md", md)
-        print(f"\nwritten to {out_dir} (not published)")
-    else:
-        publish("mining", "Mining: selectors and head sets on a mixed pool (code target)", md, results)
+    emit("mining", "Mining: selectors and head sets on a mixed pool (code target)", md, results,
+         out_dir if args.quick or args.no_publish else None)
 
 
 if __name__ == "__main__":

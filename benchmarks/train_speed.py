@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import publish, table  # noqa: E402
+from _report import emit, table  # noqa: E402
 from pools import default_data_root  # noqa: E402
 
 from p2d.data import load_records  # noqa: E402
 from p2d.geometry import AttentionGeometry, projection  # noqa: E402
-from p2d.io import write_json, write_text  # noqa: E402
+from p2d.io import write_json  # noqa: E402
 from p2d.masking import apply_scope  # noqa: E402
 from p2d.selection import read_heads_json, select_heads  # noqa: E402
 from p2d.tokens import IGNORE, Tokenized, collate  # noqa: E402
@@ -250,12 +250,8 @@ def main() -> None:
             "threads": torch.get_num_threads()}
     md = markdown(results, meta)
     print(md)
-    if args.quick or args.no_publish:
-        write_json(out_dir / "train_speed.json", {**meta, "variants": results})
-        write_text(out_dir / "train_speed.md", md)
-        print(f"\nwritten to {out_dir} (not published)")
-    else:
-        publish("train_speed", "Training speed and memory (CPU)", md, {**meta, "variants": results})
+    emit("train_speed", "Training speed and memory (CPU)", md, {**meta, "variants": results},
+         out_dir if args.quick or args.no_publish else None)
 
 
 if __name__ == "__main__":

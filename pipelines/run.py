@@ -8,7 +8,7 @@ and everything after it. Changing a stage's options re-runs that stage and the o
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -19,7 +19,7 @@ from p2d.io import read_json, write_json, write_text
 from p2d.models import DEFAULT_MODEL
 from p2d.proxy import ProxyConfig
 from p2d.trainer import TrainConfig
-from p2d.pipelines.localize import LocalizeConfig, make_task_model, proxy_source, score_and_select
+from p2d.pipelines.localize import LocalizeConfig, make_task_model, score_and_select
 from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool
 from p2d.pipelines.stages import Stage, fingerprint
 from p2d.pipelines.train import TrainRunConfig, train_model

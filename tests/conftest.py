@@ -39,6 +39,29 @@ def tiny_config(vocab_size: int, **overrides):
     return LlamaConfig(**(kw | overrides))
 
 
+def random_model(vocab_size: int = 256, **overrides):
+    """A tiny random Llama in eval mode (seed 0), for tests that need no tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config(vocab_size, **overrides)).eval()
+
+
+def random_samples(n: int = 10, seed: int = 0, vocab_size: int = 256):
+    """Tokenized samples of random ids: a 2-8 token prompt, then a 1-8 token labelled response."""
+    import numpy as np
+
+    from p2d.tokens import IGNORE, Tokenized
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p, r = int(rng.integers(2, 9)), int(rng.integers(1, 9))
+        ids = rng.integers(3, vocab_size, p + r).tolist()
+        out.append(Tokenized(f"s{i:03d}", ids, [IGNORE] * p + ids[p:]))
+    return out
+
+
 def save_tiny(path: Path, seed: int = 0, **overrides) -> Path:
     from transformers import LlamaForCausalLM
 

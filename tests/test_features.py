@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from conftest import random_model, random_samples
 from p2d import P2DError
 from p2d.features import extract_features
 from p2d.geometry import decoder_layers
@@ -11,20 +12,10 @@ from p2d.tokens import IGNORE, Tokenized
 
 
 def tiny_model(attn: str = "sdpa") -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=2, head_dim=8, vocab_size=256, attn_implementation=attn)
-    return LlamaForCausalLM(cfg).eval()
+    return random_model(attn_implementation=attn)
 
 
-def samples(n: int = 10, seed: int = 0) -> list[Tokenized]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        p, r = int(rng.integers(2, 9)), int(rng.integers(1, 9))
-        ids = rng.integers(3, 256, p + r).tolist()
-        out.append(Tokenized(f"s{i:03d}", ids, [IGNORE] * p + ids[p:]))
-    return out
+samples = random_samples
 
 
 def manual_head_feature(model, t: Tokenized, layer: int, head: int, pooling: str) -> torch.Tensor:

@@ -2,30 +2,14 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import random_model, random_samples
 from p2d import P2DError
 from p2d.mining import affinity, auroc, combine, mine, prototypes, select, separation
 from p2d.tokens import IGNORE, Tokenized
 
-
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=2, head_dim=8, vocab_size=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def samples(n: int, seed: int = 0) -> list[Tokenized]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        p, r = int(rng.integers(2, 9)), int(rng.integers(1, 9))
-        ids = rng.integers(3, 256, p + r).tolist()
-        out.append(Tokenized(f"s{i:03d}", ids, [IGNORE] * p + ids[p:]))
-    return out
-
+tiny_model = random_model
+samples = random_samples
 
 def clusters(n_a: int, n_b: int, dim: int = 32, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -33,7 +17,6 @@ def clusters(n_a: int, n_b: int, dim: int = 32, seed: int = 0):
     a = ca + 0.3 * rng.normal(size=(n_a, dim))
     b = cb + 0.3 * rng.normal(size=(n_b, dim))
     return a.astype(np.float32), b.astype(np.float32), ca
-
 
 def test_planted_domain_is_selected():
     a, b, ca = clusters(30, 70)
@@ -46,13 +29,11 @@ def test_planted_domain_is_selected():
     assert sel.sum() == 30 and (sel == is_a).all()
     assert sorted(rank.tolist()) == list(range(1, 101))
 
-
 @pytest.mark.parametrize("frac,n", [(0.1, 7), (0.5, 7), (1.0, 7), (0.01, 250), (0.333, 10)])
 def test_exact_count(frac, n):
     ids = [f"x{i}" for i in range(n)]
     _, sel = select(ids, np.random.default_rng(0).random(n), frac)
     assert sel.sum() == math.ceil(frac * n)
-
 
 def test_ties_break_by_id():
     ids = ["d", "b", "a", "c", "e"]
@@ -60,12 +41,10 @@ def test_ties_break_by_id():
     assert rank.tolist() == [5, 3, 2, 4, 1]
     assert sel.tolist() == [False, True, True, False, True]
 
-
 @pytest.mark.parametrize("frac", [0, 1.5, -0.2, float("nan")])
 def test_bad_data_frac(frac):
     with pytest.raises(P2DError, match="data-frac"):
         select(["a"], np.zeros(1), frac)
-
 
 def test_empty_pool_and_unusable_target():
     with pytest.raises(P2DError, match="pool is empty"):
@@ -85,7 +64,6 @@ def test_empty_pool_and_unusable_target():
     with pytest.raises(P2DError, match="data-frac"):
         mine(model, samples(5), samples(3), data_frac=0, heads=[(0, 0)], progress=False)
 
-
 def test_dedup_skips_near_duplicates_and_keeps_count():
     a, _, _ = clusters(10, 0, dim=16)
     feats = np.concatenate([a, a[:3] * 1.0001])  # rows 10..12 duplicate rows 0..2
@@ -96,14 +74,12 @@ def test_dedup_skips_near_duplicates_and_keeps_count():
         assert sel.sum() == 7
         assert not (sel[:3] & sel[10:]).any()  # never both copies
 
-
 def test_quality_folding_demotes_high_loss():
     aff = np.array([0.9, 0.8, 0.7, 0.1])
     nll = np.array([9.0, 1.0, 1.0, 1.0])
     assert combine(aff, None, 0.5).argmax() == 0
     assert combine(aff, nll, 1.0).argmax() == 1
     assert combine(aff, np.array([np.nan, 1, 2, 3]), 1.0)[0] < combine(aff, np.array([np.nan, 1, 2, 3]), 1.0)[1]
-
 
 def test_separation_measure():
     a, b, _ = clusters(40, 60)
@@ -112,7 +88,6 @@ def test_separation_measure():
     assert abs(separation(rng.normal(size=(40, 8)), rng.normal(size=(60, 8))) - 0.5) < 0.2
     assert auroc(np.array([2.0, 3.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
     assert math.isnan(separation(a[:1], b))  # one target sample: nothing to hold out
-
 
 @pytest.mark.parametrize("selector,head_set", [("p2d", "alps"), ("p2d", "discriminative"), ("p2d", "random"),
                                                ("embedding-mid", "alps"), ("embedding-last", "alps"),
@@ -135,7 +110,6 @@ def test_mine_end_to_end(selector, head_set):
         assert all(0 <= s["head_sets"][k]["separation_auroc"] <= 1 for k in ("alps", "random", "discriminative"))
         assert res.quality is not None and np.isfinite(res.quality).all()
         assert set(s["timings"]) == {"extract_s", "index_s", "select_s"}
-
 
 def test_discriminative_without_alps_needs_count():
     model = tiny_model()
