@@ -11,6 +11,7 @@ from p2d.tokens import IGNORE, Tokenized
 tiny_model = random_model
 samples = random_samples
 
+
 def clusters(n_a: int, n_b: int, dim: int = 32, seed: int = 0):
     rng = np.random.default_rng(seed)
     ca, cb = rng.normal(size=dim), rng.normal(size=dim)
