@@ -201,15 +201,19 @@ class Costs:
 
 def head_sets(geom: AttentionGeometry, alps: Heads, alps_scores: np.ndarray, feats: Features,
               sample: np.ndarray) -> dict[str, list[Heads]]:
-    """alps, random (3 seeds), discriminative (as p2d.mining._choose_heads picks them) and the
-    lowest-ALPS heads, all of the ALPS count."""
+    """alps, random (3 seeds), discriminative (as p2d.mining._choose_heads picks them; also limited to
+    the first third of the layers, which lets extraction stop early) and the lowest-ALPS heads, all of
+    the ALPS count."""
     count = len(alps)
-    per_head = head_separations(feats.target_heads, feats.pool_heads[sample], geom)
-    best = np.argsort(-np.nan_to_num(per_head.ravel(), nan=0.5), kind="stable")[:count]
+    per_head = np.nan_to_num(head_separations(feats.target_heads, feats.pool_heads[sample], geom), nan=0.5)
+    best = np.argsort(-per_head.ravel(), kind="stable")[:count]
+    shallow_layers = geom.num_layers // 3  # early stop after layer shallow_layers - 1: a third of the forward
+    shallow = np.argsort(-per_head[:shallow_layers].ravel(), kind="stable")[:count]
     lowest = global_order(-alps_scores)[:count]
     as_heads = lambda flat: sorted((int(i) // geom.num_heads, int(i) % geom.num_heads) for i in flat)  # noqa: E731
     return {"alps": [sorted(alps)], "random": [random_heads(geom, count, s) for s in SEEDS],
-            "discriminative": [as_heads(best)], "lowest-alps": [as_heads(lowest)]}
+            "discriminative": [as_heads(best)], f"discriminative, layers < {shallow_layers}": [as_heads(shallow)],
+            "lowest-alps": [as_heads(lowest)]}
 
 
 def evaluate(model, pool_t: list[Tokenized], target_t: list[Tokenized], labels: np.ndarray, feats: Features,

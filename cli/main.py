@@ -87,6 +87,8 @@ def mine_options(f):
         click.option("--target", default=None, help="Target samples that define the domain (default: the card's seed set)."),
         click.option("--mining-heads", type=click.Choice(["alps", "random", "discriminative"]), default="alps",
                      help="Heads whose outputs mine: ALPS (heads.json), random, or those that best separate target from pool."),
+        click.option("--mining-max-layer", type=int, default=None,
+                     help="Random/discriminative heads only from layers 0..N: extraction stops after layer N."),
         click.option("--quality", type=click.Choice(["none", "nll", "ifd"]), default="none",
                      help="Fold a per-sample quality signal into the rank (base-model response loss, or IFD)."),
         click.option("--selector", type=click.Choice(["p2d", "random", "embedding-mid", "embedding-last"]), default="p2d",

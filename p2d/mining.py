@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import faiss
 import numpy as np
@@ -225,6 +225,7 @@ def _usable(tokenized: list[Tokenized]) -> list[Tokenized]:
 def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: float, selector: str = "p2d",
          heads: list[tuple[int, int]] | None = None, head_set: str = "alps", n_heads: int | None = None,
          pooling: str = "mean", quality: str = "none", quality_weight: float = 0.5, tokenizer=None,
+         max_layer: int | None = None,
          dedup_threshold: float | None = None, index: str = "auto", seed: int = 0, batch_size: int = 16,
          max_tokens: int = 8192, store_dir=None, model_id: str = "", progress: bool = True) -> MineResult:
     """Score and select pool samples for the domain the target samples define.
@@ -262,7 +263,8 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
 
     t0 = time.perf_counter()
     if selector == "p2d":
-        heads, summary["head_sets"] = _choose_heads(model, geom, pool, usable_target, heads, head_set, n_heads, seed, kw)
+        heads, summary["head_sets"] = _choose_heads(model, geom, pool, usable_target, heads, head_set, n_heads, seed,
+                                                    max_layer, kw)
         feat_kw = dict(kind="heads", heads=heads)
         summary["heads"] = [list(h) for h in heads]
     else:
@@ -297,25 +299,39 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
 
 def _choose_heads(model, geom: AttentionGeometry, pool: list[Tokenized], target: list[Tokenized],
                   alps: list[tuple[int, int]] | None, head_set: str, n_heads: int | None, seed: int,
-                  kw: dict) -> tuple[list[tuple[int, int]], dict]:
-    """The heads to mine with, and every head set's separation (one all-heads pass on target + a pool sample)."""
+                  max_layer: int | None, kw: dict) -> tuple[list[tuple[int, int]], dict]:
+    """The heads to mine with, and every head set's separation (one all-heads pass on target + a pool sample).
+
+    `max_layer` limits the random and discriminative sets to layers 0..max_layer, so extraction
+    stops after that layer: mining then costs about (max_layer + 1) / num_layers of a forward pass.
+    """
     alps = sorted(set(map(tuple, alps))) if alps else None
     if head_set == "alps" and not alps:
         raise P2DError("head set 'alps' needs heads (heads.json from `p2d localize`)")
     count = len(alps) if alps else n_heads
     if not count or not 0 < count <= geom.total_heads:
         raise P2DError(f"head set {head_set!r} needs a head count in [1, {geom.total_heads}] (n_heads or heads.json)")
+    layers = geom.num_layers if max_layer is None else max_layer + 1
+    if not 0 < layers <= geom.num_layers:
+        raise P2DError(f"mining max layer must be in [0, {geom.num_layers - 1}], got {max_layer}")
+    if count > layers * geom.num_heads:
+        raise P2DError(f"{count} heads do not fit in layers 0..{layers - 1} ({layers * geom.num_heads} heads)")
+    if head_set == "alps" and max(l for l, _ in alps) >= layers:
+        raise P2DError(f"the ALPS heads reach layer {max(l for l, _ in alps)}, beyond the mining max layer {max_layer}")
+    shallow = replace(geom, num_layers=layers)  # the layers the all-heads pass reads
     sample = [pool[i] for i in _pool_sample(len(pool), seed)]
-    everything = [(l, h) for l in range(geom.num_layers) for h in range(geom.num_heads)]
+    everything = [(l, h) for l in range(layers) for h in range(geom.num_heads)]
     t = extract_features(model, target, kind="heads", heads=everything, **kw).features
     o = extract_features(model, _usable(sample) or sample, kind="heads", heads=everything, **kw).features
-    per_head = head_separations(t, o, geom)
+    per_head = head_separations(t, o, shallow)
     best = np.argsort(-np.nan_to_num(per_head.ravel(), nan=0.5), kind="stable")[:count]
-    sets = {"random": random_heads(geom, count, seed),
+    sets = {"random": random_heads(shallow, count, seed),
             "discriminative": sorted((int(i) // geom.num_heads, int(i) % geom.num_heads) for i in best)}
     if alps:
         sets["alps"] = alps
-    report = {name: {"heads": [list(h) for h in hs], "separation_auroc": _rounded(head_set_separation(hs, t, o, geom))}
+    report = {name: {"heads": [list(h) for h in hs],
+                     "separation_auroc": _rounded(head_set_separation(hs, t, o, shallow))
+                     if max(l for l, _ in hs) < layers else None}  # ALPS heads beyond max_layer: not measured
               for name, hs in sets.items()}
     report["measure"] = (f"5-fold cross-validated AUROC of target ({len(t)}) vs pool sample ({len(o)}) "
                          "along the centroid-difference direction; 0.5 = none")

@@ -27,6 +27,7 @@ class MineConfig:
     domain: str | None = None
     data_frac: float = 0.1
     mining_heads: str = "alps"
+    mining_max_layer: int | None = None
     quality: str = "none"
     quality_weight: float = 0.5
     selector: str = "p2d"
@@ -81,7 +82,7 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
     result = mine(model, tokenize(pool, tok, cfg.max_length), tokenize(target, tok, cfg.max_length),
                   data_frac=cfg.data_frac, selector=cfg.selector, heads=heads, head_set=cfg.mining_heads,
                   n_heads=None if heads else max(1, round(0.1 * geom.total_heads)), pooling=cfg.pooling,
-                  quality=cfg.quality, quality_weight=cfg.quality_weight, tokenizer=tok,
+                  quality=cfg.quality, quality_weight=cfg.quality_weight, tokenizer=tok, max_layer=cfg.mining_max_layer,
                   dedup_threshold=cfg.dedup, index=cfg.index, seed=cfg.seed, batch_size=cfg.batch_size,
                   store_dir=out_dir / "store", model_id=resolve_model(cfg.model), progress=progress)
     start = time.perf_counter()
@@ -103,7 +104,7 @@ def mine_table(summary: dict) -> Table:
     table.add_column("value", justify="right")
     for name, info in (summary.get("head_sets") or {}).items():
         if isinstance(info, dict):
-            table.add_row(f"separation AUROC, {name} heads", f"{info['separation_auroc']}")
+            table.add_row(f"separation AUROC, {name} heads", str(info["separation_auroc"] or "not measured"))
     if summary.get("separation_auroc") is not None:
         table.add_row("separation AUROC, features used", f"{summary['separation_auroc']}")
     if summary.get("feature_dim"):

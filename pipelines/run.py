@@ -41,6 +41,7 @@ class RunConfig:
     metric: str = "w1"
     head_method: str = "top"
     mining_heads: str = "alps"
+    mining_max_layer: int | None = None
     quality: str = "none"
     selector: str = "p2d"
     scope: str = "heads"
@@ -60,7 +61,8 @@ class RunConfig:
 
     def mine_config(self, heads: str) -> MineConfig:
         return MineConfig(heads=heads, data=self.pool, model=self.model, target=self.target, domain=self.domain,
-                          data_frac=self.data_frac, mining_heads=self.mining_heads, quality=self.quality,
+                          data_frac=self.data_frac, mining_heads=self.mining_heads,
+                          mining_max_layer=self.mining_max_layer, quality=self.quality,
                           selector=self.selector, max_length=self.mine_max_length, seed=self.seed)
 
     def validate(self) -> None:
@@ -81,7 +83,7 @@ def _stage_options(cfg: RunConfig) -> dict[str, dict]:
     return {
         "proxy": {k: d[k] for k in ("domain", "model", "task_model", "proxy_data", "proxy")},
         "localize": {k: d[k] for k in ("head_frac", "metric", "head_method", "seed")},
-        "mine": {k: d[k] for k in ("pool", "target", "data_frac", "mining_heads", "quality", "selector",
+        "mine": {k: d[k] for k in ("pool", "target", "data_frac", "mining_heads", "mining_max_layer", "quality", "selector",
                                    "mine_max_length")},
         "train": {k: d[k] for k in ("scope", "train")},
         "reference": {k: d[k] for k in ("pool", "model", "train", "reference_steps", "measure_reference")},

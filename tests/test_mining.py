@@ -19,6 +19,7 @@ def clusters(n_a: int, n_b: int, dim: int = 32, seed: int = 0):
     b = cb + 0.3 * rng.normal(size=(n_b, dim))
     return a.astype(np.float32), b.astype(np.float32), ca
 
+
 def test_planted_domain_is_selected():
     a, b, ca = clusters(30, 70)
     pool = np.concatenate([b[:35], a, b[35:]])
@@ -30,11 +31,13 @@ def test_planted_domain_is_selected():
     assert sel.sum() == 30 and (sel == is_a).all()
     assert sorted(rank.tolist()) == list(range(1, 101))
 
+
 @pytest.mark.parametrize("frac,n", [(0.1, 7), (0.5, 7), (1.0, 7), (0.01, 250), (0.333, 10)])
 def test_exact_count(frac, n):
     ids = [f"x{i}" for i in range(n)]
     _, sel = select(ids, np.random.default_rng(0).random(n), frac)
     assert sel.sum() == math.ceil(frac * n)
+
 
 def test_ties_break_by_id():
     ids = ["d", "b", "a", "c", "e"]
@@ -42,10 +45,12 @@ def test_ties_break_by_id():
     assert rank.tolist() == [5, 3, 2, 4, 1]
     assert sel.tolist() == [False, True, True, False, True]
 
+
 @pytest.mark.parametrize("frac", [0, 1.5, -0.2, float("nan")])
 def test_bad_data_frac(frac):
     with pytest.raises(P2DError, match="data-frac"):
         select(["a"], np.zeros(1), frac)
+
 
 def test_empty_pool_and_unusable_target():
     with pytest.raises(P2DError, match="pool is empty"):
@@ -65,6 +70,7 @@ def test_empty_pool_and_unusable_target():
     with pytest.raises(P2DError, match="data-frac"):
         mine(model, samples(5), samples(3), data_frac=0, heads=[(0, 0)], progress=False)
 
+
 def test_dedup_skips_near_duplicates_and_keeps_count():
     a, _, _ = clusters(10, 0, dim=16)
     feats = np.concatenate([a, a[:3] * 1.0001])  # rows 10..12 duplicate rows 0..2
@@ -75,12 +81,14 @@ def test_dedup_skips_near_duplicates_and_keeps_count():
         assert sel.sum() == 7
         assert not (sel[:3] & sel[10:]).any()  # never both copies
 
+
 def test_quality_folding_demotes_high_loss():
     aff = np.array([0.9, 0.8, 0.7, 0.1])
     nll = np.array([9.0, 1.0, 1.0, 1.0])
     assert combine(aff, None, 0.5).argmax() == 0
     assert combine(aff, nll, 1.0).argmax() == 1
     assert combine(aff, np.array([np.nan, 1, 2, 3]), 1.0)[0] < combine(aff, np.array([np.nan, 1, 2, 3]), 1.0)[1]
+
 
 def test_separation_measure():
     a, b, _ = clusters(40, 60)
@@ -90,9 +98,12 @@ def test_separation_measure():
     assert auroc(np.array([2.0, 3.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
     assert math.isnan(separation(a[:1], b))  # one target sample: nothing to hold out
 
+
 @pytest.mark.parametrize("selector,head_set", [("p2d", "alps"), ("p2d", "discriminative"), ("p2d", "random"),
                                                ("embedding-mid", "alps"), ("embedding-last", "alps"),
                                                ("random", "alps")])
+
+
 def test_mine_end_to_end(selector, head_set):
     model = tiny_model()
     pool, target = samples(20, seed=1), samples(6, seed=2)
@@ -112,9 +123,28 @@ def test_mine_end_to_end(selector, head_set):
         assert res.quality is not None and np.isfinite(res.quality).all()
         assert set(s["timings"]) == {"extract_s", "index_s", "select_s"}
 
+
 def test_discriminative_without_alps_needs_count():
     model = tiny_model()
     with pytest.raises(P2DError, match="head count"):
         mine(model, samples(5), samples(3), data_frac=0.5, head_set="discriminative", progress=False)
     res = mine(model, samples(8), samples(4), data_frac=0.5, head_set="discriminative", n_heads=3, progress=False)
     assert len(res.summary["heads"]) == 3 and "alps" not in res.summary["head_sets"]
+
+
+def test_max_layer_keeps_heads_shallow_and_stops_early():
+    from p2d.geometry import decoder_layers
+
+    model = tiny_model()
+    calls = [0] * 4
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    res = mine(model, samples(12, seed=1), samples(4, seed=2), data_frac=0.25, head_set="discriminative",
+               n_heads=3, max_layer=1, progress=False)
+    assert all(layer <= 1 for layer, _ in res.summary["heads"])
+    assert all(layer <= 1 for layer, _ in res.summary["head_sets"]["random"]["heads"])
+    assert calls[2] == calls[3] == 0 and calls[0] > 0
+    with pytest.raises(P2DError, match="beyond the mining max layer"):
+        mine(model, samples(6), samples(3), data_frac=0.5, heads=[(3, 0)], head_set="alps", max_layer=1,
+             progress=False)
+
