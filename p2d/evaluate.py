@@ -350,6 +350,18 @@ def gsm8k_examples(rows: list[dict], template: str = "alpaca") -> list[Example]:
 # Entry point
 
 
+def _task_of(source: str | os.PathLike, card_task: str | None) -> str | None:
+    """The card's task for a user-given eval file when the file is in that task's format, else None (NLL only)."""
+    from p2d.data import load_records
+
+    first = load_records(str(source))[0]
+    if card_task == "humaneval" and {"task_id", "prompt", "test", "entry_point"} <= first.keys():
+        return card_task
+    if card_task == "gsm8k" and {"question", "answer"} <= first.keys() and "####" in str(first["answer"]):
+        return card_task
+    return None
+
+
 def evaluate(model, domain: str | None = None, *, eval_source: str | os.PathLike | None = None,
              eval_task: str | None = None, nll_limit: int | None = None, task_limit: int | None = None,
              tasks: bool = True, tokenizer=None, template: str | None = None, prompt_style: str = "alpaca",
@@ -374,6 +386,10 @@ def evaluate(model, domain: str | None = None, *, eval_source: str | os.PathLike
         card = load_card(domain)
         eval_source, eval_task, fields = card.eval_source(), card.eval_task, card.fields
         template = template or card.template
+    elif eval_task is None and domain is not None:
+        from p2d.cards import load_card
+
+        eval_task = _task_of(eval_source, load_card(domain).eval_task)
     template = template or "alpaca"
     if eval_task not in (None, *TASKS):
         raise P2DError(f"eval_task must be one of {TASKS} or None, not {eval_task!r}")

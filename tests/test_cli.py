@@ -195,3 +195,14 @@ def test_wheel_installs_only_the_p2d_package(tmp_path):
     assert tops == {"p2d", f"{name}-{version}.dist-info"}
     names = zipfile.ZipFile(wheel).namelist()
     assert {"p2d/cli/main.py", "p2d/pipelines/run.py", "p2d/data_cards/code.md"} <= set(names)
+
+
+def test_eval_command_writes_metrics(tiny_model, tmp_path):
+    rows = [{"question": f"Tom has {a} apples and buys {b} more. How many now?",
+             "answer": f"{a}+{b} = {a + b}\n#### {a + b}"} for a, b in ((2, 3), (4, 5), (7, 1))]
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p2d("eval", tiny_model, "--domain", "math", "--eval-data", data, "--limit", 2, "--out", tmp_path / "eval.json")
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["nll"] > 0 and res["nll_samples"] == 3
+    assert 0 <= res["gsm8k_em"] <= 1 and res["task_samples"] == 2
