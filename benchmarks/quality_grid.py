@@ -64,7 +64,9 @@ ADAPTATIONS = {"heads": ("heads", "alps", "heads"), "random-heads": ("heads", "r
                "lc-heads": ("heads", "lc", "heads"), "alps": ("alps", "alps", "full"),
                "full": ("full", None, "full"), "no-attn": ("no-attn", None, "full"),
                "lora": ("lora", None, "heads")}
-SELECTORS = {"p2d": "p2d", "random": "random", "embedding": "embedding-mid", "all": None}
+# selection -> (p2d.mining selector, quality signal); "p2d" is the paper's method, "p2d-ifd" p2d's default
+SELECTORS = {"p2d": ("p2d", "none"), "p2d-ifd": ("p2d", "ifd"), "random": ("random", "none"),
+             "embedding": ("embedding-mid", "none"), "all": None}
 DEFAULT_CELLS = ["p2d/heads", "p2d/random-heads", "p2d/lc-heads", "p2d/alps", "p2d/full", "p2d/no-attn",
                  "p2d/lora", "random/heads", "random/full", "embedding/heads"]
 SEEDED_CELLS = ["p2d/heads", "random/heads", "p2d/random-heads"]
@@ -183,8 +185,9 @@ def mine_selection(key: str, model, tok, pool: list[Example], target: list[Examp
     max_length = MineConfig.max_length
     pool_t, target_t = tokenize(pool, tok, max_length), tokenize(target, tok, max_length)
     t0 = time.perf_counter()
-    res = mine(model, pool_t, target_t, data_frac=data_frac, selector=SELECTORS[sel], heads=heads, seed=seed,
-               batch_size=MineConfig.batch_size, progress=False)
+    selector, quality = SELECTORS[sel]
+    res = mine(model, pool_t, target_t, data_frac=data_frac, selector=selector, quality=quality, tokenizer=tok,
+               heads=heads, seed=seed, batch_size=MineConfig.batch_size, progress=False)
     return {"ids": [i for i, keep in zip(res.ids, res.selected) if keep], "seconds": time.perf_counter() - t0,
             "summary": {k: v for k, v in res.summary.items() if k != "head_sets"}}
 
@@ -277,7 +280,7 @@ def add_aer(res: dict, g: dict, ref: dict | None) -> None:
     """Cost = mining + ALPS (proxy + scoring, when the cell uses ALPS heads) + training; AER = cost / T_ref."""
     alps_s = res["alps_seconds"] or 0.0
     for v in g.values():
-        uses_alps = v["selection"] == "p2d" or ADAPTATIONS[v["adaptation"]][1] in ("alps", "lc")
+        uses_alps = v["selection"].startswith("p2d") or ADAPTATIONS[v["adaptation"]][1] in ("alps", "lc")
         v["cost_s"] = v["selection_s"] + v["train_s"] + (alps_s if uses_alps else 0.0)
         if ref:
             v["aer"] = v["cost_s"] / ref["seconds"]
