@@ -150,11 +150,11 @@ def metrics(labels: np.ndarray, rank: np.ndarray, selected: np.ndarray) -> dict:
 
 
 def score(ids: list[str], labels: np.ndarray, pool: np.ndarray, target: np.ndarray, quality: np.ndarray | None,
-          weight: float, data_frac: float, seed: int) -> dict:
+          weight: float, data_frac: float, seed: int, kind: str = "nll") -> dict:
     """p2d's scoring on precomputed features: prototypes -> affinity -> combine -> select."""
     t0 = time.perf_counter()
     aff = affinity(pool, prototypes(target, seed))
-    rank, selected = select(ids, combine(aff, quality, weight), data_frac)
+    rank, selected = select(ids, combine(aff, quality, weight, kind), data_frac)
     return {**metrics(labels, rank, selected), "scoring_s": time.perf_counter() - t0}
 
 
@@ -229,7 +229,7 @@ def evaluate(model, pool_t: list[Tokenized], target_t: list[Tokenized], labels: 
         seps = [head_set_separation(h, feats.target_heads, feats.pool_heads[sample], geom) for h in variants]
         for q in QUALITIES:
             runs = [score(ids, labels, feats.pool_heads[:, c], feats.target_heads[:, c], qualities[q], 0.5,
-                          args.data_frac, args.seed) for c in cols]
+                          args.data_frac, args.seed, q) for c in cols]
             for r, h in zip(runs, variants):
                 r["standalone_s"] = costs.p2d(h, q) + r["scoring_s"]
             label = f"{name} ({len(variants)} seeds, mean)" if len(variants) > 1 else name
@@ -258,7 +258,7 @@ def evaluate(model, pool_t: list[Tokenized], target_t: list[Tokenized], labels: 
     best = max(sets, key=lambda name: _set_quality(rows, name))
     cols = [head_columns(h, geom) for h in sets[best]]
     sensitivity = []
-    for q in ("nll", "ifd"):
+    for q in ("nll",):  # ifd is a filter (IFD >= 1 dropped) and has no weight
         for w in WEIGHTS:
             runs = [score(ids, labels, feats.pool_heads[:, c], feats.target_heads[:, c], qualities[q], w,
                           args.data_frac, args.seed) for c in cols]

@@ -8,11 +8,15 @@ k = n_prototypes, so the search is exact, linear in the pool, and never near GPU
 results-per-query limit. The pool-sized index is the near-duplicate index over kept samples,
 which is where `index` (flat / IVF) applies.
 
-Quality folding (`quality` = nll or ifd, higher = worse: a high response loss under the base
-model, or an IFD near or above 1, flags a response that does not follow from its instruction,
-e.g. a swapped answer): score = pct(affinity) - quality_weight * pct(quality), with pct the
-rank percentile in [0, 1]. Rank percentiles make the two signals commensurable whatever their
-scales; a sample with no quality value counts as worst. Ties break by sample id.
+Quality folding flags responses that do not follow from their instruction (e.g. a swapped answer):
+- `nll` (a high response loss under the base model is worse): score = pct(affinity) -
+  quality_weight * pct(nll), with pct the rank percentile in [0, 1], so the two signals are
+  commensurable whatever their scales.
+- `ifd` (instruction-following difficulty, loss with / loss without the instruction): a filter, as
+  in Cherry and Superfiltering. A sample with IFD >= 1 (the instruction does not help predict the
+  response) ranks below every other; the rest rank by affinity alone. Penalising IFD by rank
+  instead favours the easiest samples, which the quality grid showed to train worse.
+A sample with no quality value counts as worst. Ties break by sample id.
 """
 
 from __future__ import annotations
@@ -93,11 +97,17 @@ def affinity(pool: np.ndarray, protos: np.ndarray, chunk: int = 65536) -> np.nda
     return out
 
 
-def combine(affinity: np.ndarray, quality: np.ndarray | None, quality_weight: float) -> np.ndarray:
-    """pct(affinity) - quality_weight * pct(quality) (see the module docstring); affinity alone without quality."""
+IFD_MAX = 1.0  # IFD at or above this: the instruction does not help, the pair is likely broken
+
+
+def combine(affinity: np.ndarray, quality: np.ndarray | None, quality_weight: float, kind: str = "nll") -> np.ndarray:
+    """The ranking score from affinity and an optional quality signal (see the module docstring)."""
     aff = _pct(affinity)
     if quality is None:
         return aff
+    if kind == "ifd":
+        broken = ~(quality < IFD_MAX)  # NaN counts as broken
+        return aff - 2.0 * broken  # below every kept sample, still ordered by affinity
     q = np.where(np.isnan(quality), np.inf, quality)  # no value = worst
     return aff - quality_weight * _pct(q)
 
@@ -286,13 +296,15 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
     summary["separation_auroc"] = _rounded(separation(np.asarray(tgt.features), np.asarray(res.features[sample])))
 
     t0 = time.perf_counter()
-    score = combine(aff, res.quality, quality_weight)
+    score = combine(aff, res.quality, quality_weight, quality)
     rank, selected = select(ids, score, data_frac, features=res.features, dedup_threshold=dedup_threshold, index=index)
     summary["timings"]["select_s"] = round(time.perf_counter() - t0, 3)
     summary["counts"]["selected"] = int(selected.sum())
     summary["index"] = {"prototypes": "flat-ip (exact)", "dedup": index if dedup_threshold is not None else None,
                         "gpu": faiss.get_num_gpus() > 0}
-    summary["quality_weight"] = quality_weight if quality != "none" else None
+    summary["quality_weight"] = quality_weight if quality == "nll" else None
+    if quality == "ifd":
+        summary["ifd_filtered"] = int((~(res.quality < IFD_MAX)).sum())
     summary["dedup_threshold"] = dedup_threshold
     return MineResult(ids, aff, res.quality, score, rank, selected, summary)
 

@@ -90,6 +90,13 @@ def test_quality_folding_demotes_high_loss():
     assert combine(aff, np.array([np.nan, 1, 2, 3]), 1.0)[0] < combine(aff, np.array([np.nan, 1, 2, 3]), 1.0)[1]
 
 
+def test_ifd_filters_broken_pairs_without_favouring_easy_ones():
+    aff = np.array([0.9, 0.8, 0.7, 0.6])
+    ifd = np.array([1.2, 0.9, 0.2, np.nan])  # a swapped answer (IFD > 1), a hard and an easy sample, no value
+    score = combine(aff, ifd, 0.5, "ifd")
+    assert list(np.argsort(-score)) == [1, 2, 0, 3]  # kept samples by affinity, the broken and unknown last
+
+
 def test_separation_measure():
     a, b, _ = clusters(40, 60)
     assert separation(a, b) > 0.95
