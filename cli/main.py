@@ -89,7 +89,7 @@ def mine_options(f):
                      help="Heads whose outputs mine: ALPS (heads.json), random, or those that best separate target from pool."),
         click.option("--mining-max-layer", type=int, default=None,
                      help="Random/discriminative heads only from layers 0..N: extraction stops after layer N."),
-        click.option("--quality", type=click.Choice(["none", "nll", "ifd"]), default="ifd",
+        click.option("--quality", type=click.Choice(["none", "nll", "ifd"]), default="nll",
                      help="Fold a per-sample quality signal into the rank (base-model response loss, or IFD)."),
         click.option("--selector", type=click.Choice(["p2d", "random", "embedding-mid", "embedding-last"]), default="p2d",
                      help="p2d head features, or a baseline."),

@@ -42,7 +42,7 @@ class RunConfig:
     head_method: str = "top"
     mining_heads: str = "alps"
     mining_max_layer: int | None = None
-    quality: str = "ifd"
+    quality: str = "nll"
     selector: str = "p2d"
     scope: str = "heads"
     mine_max_length: int = 128
