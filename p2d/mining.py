@@ -100,14 +100,18 @@ def affinity(pool: np.ndarray, protos: np.ndarray, chunk: int = 65536) -> np.nda
 IFD_MAX = 1.0  # IFD at or above this: the instruction does not help, the pair is likely broken
 
 
+def ifd_broken(ifd: np.ndarray) -> np.ndarray:
+    """Samples the ifd filter drops: IFD >= IFD_MAX, or no value (NaN)."""
+    return ~(ifd < IFD_MAX)
+
+
 def combine(affinity: np.ndarray, quality: np.ndarray | None, quality_weight: float, kind: str = "nll") -> np.ndarray:
     """The ranking score from affinity and an optional quality signal (see the module docstring)."""
     aff = _pct(affinity)
     if quality is None:
         return aff
     if kind == "ifd":
-        broken = ~(quality < IFD_MAX)  # NaN counts as broken
-        return aff - 2.0 * broken  # below every kept sample, still ordered by affinity
+        return aff - 2.0 * ifd_broken(quality)  # below every kept sample, still ordered by affinity
     q = np.where(np.isnan(quality), np.inf, quality)  # no value = worst
     return aff - quality_weight * _pct(q)
 
@@ -304,7 +308,7 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
                         "gpu": faiss.get_num_gpus() > 0}
     summary["quality_weight"] = quality_weight if quality == "nll" else None
     if quality == "ifd":
-        summary["ifd_filtered"] = int((~(res.quality < IFD_MAX)).sum())
+        summary["ifd_filtered"] = int(ifd_broken(res.quality).sum())
     summary["dedup_threshold"] = dedup_threshold
     return MineResult(ids, aff, res.quality, score, rank, selected, summary)
 

@@ -135,7 +135,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     report["heads"] = {"selected": len(read_json(heads)["selected"]), "path": heads}
     report["trainable_params"] = trained["trainable_params"]
     if cfg.evaluate:
-        report["eval"] = _evaluate(cfg, run_dir, trained)
+        report["eval"] = _evaluate(cfg, run_dir)
     write_aer(run_dir, report)
     write_text(run_dir / "report.md", _report_md(cfg, report, run_dir))
     console.print(aer_table(report))
@@ -149,16 +149,17 @@ def _reference(cfg: RunConfig, out: Path, progress: bool) -> dict:
     from p2d.models import load_tokenizer
     from p2d.tokens import tokenize
 
+    if cfg.measure_reference:
+        start = time.perf_counter()
+        summary = train_model(TrainRunConfig(data=cfg.pool, model=cfg.model, scope="full", train=cfg.train), out,
+                              progress)
+        return {"seconds": time.perf_counter() - start, "method": "measured: full run", "samples": summary["samples"]}
     tok = load_tokenizer(cfg.model)
     pool = tokenize(load_examples(cfg.pool), tok, cfg.train.max_length)
-    if not cfg.measure_reference:
-        return measure_reference(cfg.model, pool, tok.pad_token_id, cfg.train, cfg.reference_steps, cfg.seed, out)
-    start = time.perf_counter()
-    train_model(TrainRunConfig(data=cfg.pool, model=cfg.model, scope="full", train=cfg.train), out, progress)
-    return {"seconds": time.perf_counter() - start, "method": "measured: full run", "samples": len(pool)}
+    return measure_reference(cfg.model, pool, tok.pad_token_id, cfg.train, cfg.reference_steps, cfg.seed, out)
 
 
-def _evaluate(cfg: RunConfig, run_dir: Path, trained: dict) -> dict:
+def _evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     from p2d.evaluate import evaluate
 
     out = {}
