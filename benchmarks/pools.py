@@ -94,3 +94,35 @@ def build_mixed_pool(data_root: str | os.PathLike | None = None, n_code: int = 4
     general = [src["general"][i] for i in rng.choice(len(src["general"]), n_general, replace=False)]
     pool = clean + math + general + corrupt
     return [pool[i] for i in rng.permutation(len(pool))], target
+
+
+def domain_pool(domain: str, data_root: str | os.PathLike | None = None,
+                **sizes: int) -> tuple[list[dict], list[dict]]:
+    """(pool rows, target rows) for a `code` or `math` target: the mixed pool, and target rows not in it.
+
+    The code target is build_mixed_pool's held-out CodeAlpaca rows; the math target is as many
+    further GSM8K train rows (pools name GSM8K train row i "math-i"), seeded.
+    """
+    root = Path(data_root) if data_root is not None else default_data_root()
+    pool, code_target = build_mixed_pool(root, **sizes)
+    if domain == "code":
+        return pool, code_target
+    if domain != "math":
+        raise P2DError(f"no held-out target for domain {domain!r}: use code or math")
+    in_pool = {r["id"] for r in pool}
+    rows = load_records(str(root / "math/gsm8k_train.jsonl"))
+    free = [i for i in range(len(rows)) if f"math-{i}" not in in_pool]
+    pick = np.random.default_rng(0).choice(free, len(code_target), replace=False)
+    return pool, [_row(f"math-{i}", rows[i]["question"], "", rows[i]["answer"], "math") for i in sorted(pick)]
+
+
+def held_out_code(data_root: str | os.PathLike | None, used_ids: set[str], n: int = 64, seed: int = 1) -> list[dict]:
+    """`n` CodeAlpaca rows that are neither in the pool (clean or as a corrupted row) nor in the target, seeded.
+
+    An in-domain held-out set: the target-like distribution, without rows the miner saw.
+    """
+    code = _sources(Path(data_root) if data_root is not None else default_data_root())["code"]
+    used = {i.removeprefix("corrupt-") for i in used_ids}
+    free = [r for r in code if r["id"] not in used]
+    _take(free, n, "held-out CodeAlpaca")
+    return [free[i] for i in sorted(np.random.default_rng(seed).choice(len(free), n, replace=False))]

@@ -11,9 +11,10 @@ benchmarks/pools.py (code, math, general, corrupted code): `p2d` (features of th
 --heads), `random` (seeded), `embedding` (middle-layer hidden state), and `all` (the whole pool).
 The target is the pool's held-out CodeAlpaca rows (--domain code) or held-out GSM8K train rows
 (--domain math). Adaptations: `heads` (the ALPS heads), `random-heads` and `lc-heads` (the same
-count, seeded random / layer-uniform, from head_scores.npy beside --heads), `alps`, `full`,
-`no-attn`, `lora` (rank --lora-rank on q/k/v). A cell is SELECTION/ADAPTATION; seed s sets the data
-order and, where they exist, the random selection and the random heads.
+count, seeded random / layer-uniform, from head_scores.npy beside --heads), `transfer-heads` (the
+heads.json of --transfer-heads: ALPS heads found on another dataset, see benchmarks/heads_transfer.py),
+`alps`, `full`, `no-attn`, `lora` (rank --lora-rank on q/k/v). A cell is SELECTION/ADAPTATION; seed s
+sets the data order and, where they exist, the random selection and the random heads.
 
 Base NLL, selections and cells accumulate in --results, so a run can be stopped and extended:
 finished cells are skipped, an interrupted cell resumes from its trainer checkpoint.
@@ -41,11 +42,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import DOCS, publish, table  # noqa: E402
 from mining import quick_heads  # noqa: E402
-from pools import LABELS, build_mixed_pool, default_data_root  # noqa: E402
+from pools import LABELS, default_data_root, domain_pool, held_out_code  # noqa: E402
 
 from p2d import P2DError  # noqa: E402
-from p2d.data import load_records, to_examples  # noqa: E402
-from p2d.evaluate import evaluate  # noqa: E402
+from p2d.data import to_examples  # noqa: E402
+from p2d.evaluate import evaluate, humaneval_problems, humaneval_prompt, response_nll  # noqa: E402
 from p2d.geometry import AttentionGeometry  # noqa: E402
 from p2d.io import read_json, write_json, write_text  # noqa: E402
 from p2d.masking import apply_scope  # noqa: E402
@@ -63,9 +64,9 @@ EVAL = {"code": ("eval/humaneval.jsonl.gz", "humaneval", "humaneval_pass@1"),
 ADAPTATIONS = {"heads": ("heads", "alps", "heads"), "random-heads": ("heads", "random", "heads"),
                "lc-heads": ("heads", "lc", "heads"), "alps": ("alps", "alps", "full"),
                "full": ("full", None, "full"), "no-attn": ("no-attn", None, "full"),
-               "lora": ("lora", None, "heads")}
-# selection -> (p2d.mining selector, quality signal); "p2d" is the paper's method, "p2d-ifd" p2d's default
-SELECTORS = {"p2d": ("p2d", "none"), "p2d-ifd": ("p2d", "ifd"), "random": ("random", "none"),
+               "lora": ("lora", None, "heads"), "transfer-heads": ("heads", "transfer", "heads")}
+# selection -> (p2d.mining selector, quality signal); "p2d" is the paper's method, "p2d-nll" p2d's default
+SELECTORS = {"p2d": ("p2d", "none"), "p2d-nll": ("p2d", "nll"), "p2d-ifd": ("p2d", "ifd"), "random": ("random", "none"),
              "embedding": ("embedding-mid", "none"), "all": None}
 DEFAULT_CELLS = ["p2d/heads", "p2d/random-heads", "p2d/lc-heads", "p2d/alps", "p2d/full", "p2d/no-attn",
                  "p2d/lora", "random/heads", "random/full", "embedding/heads"]
@@ -106,6 +107,7 @@ class Cell:
     def key(self) -> str:
         return f"{self.selection}/{self.adaptation}/s{self.seed}"
 
+
     @property
     def selection_key(self) -> str:
         """Only the random selection changes with the seed; p2d and embedding mine once (seed 0)."""
@@ -123,22 +125,10 @@ def parse_cells(cells: list[str], seeds: list[int], seeded: list[str]) -> list[C
     return out
 
 
-def load_data(domain: str, data_root: Path, pool_sizes: dict) -> tuple[list[dict], list[dict]]:
-    """(pool rows, target rows): the mixed pool, and a target of the domain that is not in the pool."""
-    pool, code_target = build_mixed_pool(data_root, **pool_sizes)
-    if domain == "code":
-        return pool, code_target
-    # pools.py names GSM8K train row i "math-i": the target is as many further rows, not in the pool.
-    in_pool = {r["id"] for r in pool}
-    rows = load_records(str(data_root / "math/gsm8k_train.jsonl"))
-    free = [i for i in range(len(rows)) if f"math-{i}" not in in_pool]
-    pick = np.random.default_rng(0).choice(free, len(code_target), replace=False)
-    return pool, [{"id": f"math-{i}", "instruction": rows[i]["question"], "input": "", "output": rows[i]["answer"],
-                   "label": "math"} for i in sorted(pick)]
-
-
-def head_lists(heads_path: Path, geom: AttentionGeometry, seeds: list[int]) -> dict[str, list]:
-    """The ALPS heads, the layer-uniform (lc) heads and per-seed random heads, all of the same count."""
+def head_lists(heads_path: Path, geom: AttentionGeometry, seeds: list[int],
+               transfer: Path | None = None) -> dict[str, list]:
+    """The ALPS heads, the layer-uniform (lc) heads, per-seed random heads and the transferred heads, all of the
+    same count."""
     sel = read_heads_json(heads_path, geom)
     scores_path = heads_path.with_name("head_scores.npy")
     if not scores_path.is_file():
@@ -146,6 +136,8 @@ def head_lists(heads_path: Path, geom: AttentionGeometry, seeds: list[int]) -> d
     scores = np.load(scores_path)
     lists = {"alps": sel.heads, "lc": select_heads(scores, sel.head_frac, "lc")}
     lists |= {f"random-s{s}": select_heads(scores, sel.head_frac, "random", seed=s) for s in seeds}
+    if transfer is not None:
+        lists["transfer"] = read_heads_json(transfer, geom).heads
     if len({len(v) for v in lists.values()}) != 1:
         raise P2DError(f"{heads_path}: {len(sel.heads)} heads, but head_frac {sel.head_frac} gives "
                        f"{len(lists['lc'])}; regenerate it with `p2d localize --method top`")
@@ -165,13 +157,30 @@ def alps_seconds(heads_path: Path) -> float | None:
     return None
 
 
-def eval_model(model, tok, s: Settings, data_root: Path) -> dict:
-    """Held-out response NLL (and the task metric when --task-limit > 0), without the per-task dump."""
+def extra_eval_sets(domain: str, data_root: Path, used_ids: set[str], n: int) -> dict[str, list[Example]]:
+    """Further held-out NLL sets, so that no verdict rests on one response format (code only).
+
+    `humaneval-fn`: the whole function (signature, docstring, body) as the response, the form
+    CodeAlpaca answers take; the main HumanEval NLL scores the indented body alone. `codealpaca`:
+    CodeAlpaca rows that neither the pool nor the mining target contains.
+    """
+    if domain != "code":
+        return {}
+    problems = humaneval_problems(data_root / EVAL["code"][0], n)
+    fn = [Example(p["task_id"], humaneval_prompt(p), p["prompt"] + p["canonical_solution"]) for p in problems]
+    return {"humaneval-fn": fn, "codealpaca": to_examples(held_out_code(data_root, used_ids, n), "codealpaca-held-out")}
+
+
+def eval_model(model, tok, s: Settings, data_root: Path, extra: dict[str, list[Example]]) -> dict:
+    """Held-out response NLL (and the task metric when --task-limit > 0), without the per-task dump; plus the
+    NLL of every extra set under "extra"."""
     path, task, _ = EVAL[s.domain]
     res = evaluate(model, s.domain, eval_source=data_root / path, eval_task=task, nll_limit=s.eval_limit,
                    task_limit=s.task_limit or None, tasks=s.task_limit > 0, tokenizer=tok, template="alpaca")
     res.pop("task_results", None)
     res["eval_source"] = str(path)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    res["extra"] = {name: response_nll(model, tokenize(ex, tok, 1024), pad).mean for name, ex in extra.items()}
     return res
 
 
@@ -193,7 +202,7 @@ def mine_selection(key: str, model, tok, pool: list[Example], target: list[Examp
 
 
 def run_cell(cell: Cell, s: Settings, examples: list[Example], heads: list | None, work: Path,
-             data_root: Path) -> dict:
+             data_root: Path, extra: dict[str, list[Example]]) -> dict:
     """Train a fresh base model in the cell's scope on its selection, then evaluate it."""
     scope, _, lr_group = ADAPTATIONS[cell.adaptation]
     model, tok = load_model(MODEL)
@@ -203,7 +212,7 @@ def run_cell(cell: Cell, s: Settings, examples: list[Example], heads: list | Non
                       batch_size=s.batch_size, max_length=s.max_length, seed=cell.seed, save_every=SAVE_EVERY)
     out = work / cell.key.replace("/", "_")
     result = train(model, tokenize(examples, tok, s.max_length), tok.pad_token_id, cfg, out)
-    ev = eval_model(model, tok, s, data_root)
+    ev = eval_model(model, tok, s, data_root, extra)
     shutil.rmtree(out, ignore_errors=True)
     return {**asdict(cell), "cell": f"{cell.selection}/{cell.adaptation}", "selection_key": cell.selection_key,
             "lr": cfg.lr, "n_heads": len(heads or []), "trainable_params": info.trainable_params,
@@ -260,6 +269,10 @@ def groups(res: dict) -> dict[str, dict]:
              "selection_s": float(np.mean([res["selections"][d["selection_key"]]["seconds"] for d in ds]))}
         if metric in ds[0]["eval"]:
             g[metric] = float(np.mean([d["eval"][metric] for d in ds]))
+        extra = [d["eval"].get("extra", {}) for d in ds]
+        g["extra"] = {k: (float(np.mean([e[k] for e in extra])),
+                          float(np.std([e[k] for e in extra], ddof=1)) if len(ds) > 1 else 0.0)
+                      for k in extra[0] if all(k in e for e in extra)}
         out[name] = g
     return out
 
@@ -280,7 +293,7 @@ def add_aer(res: dict, g: dict, ref: dict | None) -> None:
     """Cost = mining + ALPS (proxy + scoring, when the cell uses ALPS heads) + training; AER = cost / T_ref."""
     alps_s = res["alps_seconds"] or 0.0
     for v in g.values():
-        uses_alps = v["selection"].startswith("p2d") or ADAPTATIONS[v["adaptation"]][1] in ("alps", "lc")
+        uses_alps = v["selection"].startswith("p2d") or ADAPTATIONS[v["adaptation"]][1] in ("alps", "lc", "transfer")
         v["cost_s"] = v["selection_s"] + v["train_s"] + (alps_s if uses_alps else 0.0)
         if ref:
             v["aer"] = v["cost_s"] / ref["seconds"]
@@ -304,37 +317,61 @@ def compare(a: dict | None, b: dict | None, what_a: str, what_b: str) -> str:
             + (f"; seed std {noise:.4f}" if noise else "; one seed") + ").")
 
 
+def on_metric(g: dict, name: str) -> dict:
+    """The groups that have extra NLL set `name`, with it as their nll."""
+    return {k: {**v, "nll": v["extra"][name][0], "nll_std": v["extra"][name][1]}
+            for k, v in g.items() if name in v["extra"]}
+
+
+def other_metrics(g: dict, names: list[str]) -> list[str]:
+    """The headline comparisons again, on each extra held-out set."""
+    ref_name = "p2d-nll/heads" if "p2d-nll/heads" in g else "p2d/heads"
+    out = []
+    for name in names:
+        m = on_metric(g, name)
+        pairs = [(ref_name, "random/heads"), (ref_name, "embedding/heads"), (ref_name, "all/full"),
+                 ("p2d-nll/full", "random/full"), (ref_name, "p2d-nll/random-heads"), (ref_name, "p2d-nll/lc-heads")]
+        out += [f"On `{name}`: " + " ".join(compare(m[a], m[b], a, b) for a, b in pairs if a in m and b in m)]
+    return out
+
+
 def findings(g: dict, base_nll: float) -> list[str]:
-    p2d = g.get("p2d/heads")
-    q1 = [compare(p2d, g.get("p2d/random-heads"), "ALPS heads", "random heads"),
-          compare(p2d, g.get("p2d/lc-heads"), "ALPS heads", "layer-uniform heads")]
-    q2 = [compare(g.get(f"p2d/{a}"), g.get(f"random/{a}"), f"P2D data × {a}", f"random data × {a}")
-          for a in ADAPTATIONS if f"p2d/{a}" in g and f"random/{a}" in g] or ["P2D vs random data: not run."]
-    q2 += [compare(p2d, g.get("embedding/heads"), "P2D data × heads", "embedding-selected data × heads")]
+    """The issue's questions, answered from whichever cells have run."""
+    p2d_sels = [sel for sel in ("p2d", "p2d-nll") if f"{sel}/heads" in g]
+    q1 = [compare(g[f"{sel}/heads"], g[f"{sel}/{other}"], f"ALPS heads on {sel} data", f"{what} heads")
+          for sel in p2d_sels for other, what in (("random-heads", "random"), ("lc-heads", "layer-uniform"))
+          if f"{sel}/{other}" in g] or ["not run."]
+    q2 = [compare(g[f"{sel}/{a}"], g[f"{other}/{a}"], f"{sel} data × {a}", f"{other} data × {a}")
+          for sel in ("p2d", "p2d-nll") for other in ("random", "embedding") for a in ADAPTATIONS
+          if f"{sel}/{a}" in g and f"{other}/{a}" in g] or ["not run."]
+    q3 = [compare(g[f"{sel}/transfer-heads"], g[f"{sel}/heads"], f"heads found on another dataset ({sel} data)",
+                  "heads found on this domain's training data") for sel in p2d_sels if f"{sel}/transfer-heads" in g]
+    # P2D as users get it: the default mining (nll) when it has run, else the paper's (none)
+    ref_name = "p2d-nll/heads" if "p2d-nll/heads" in g else "p2d/heads"
+    ref = g.get(ref_name)
+    q4 = [compare(ref, g.get("all/full"), f"P2D ({ref_name})", "full-data full-parameter training (all/full)")]
     losses = []
-    if p2d is not None:
+    if ref is not None:
         for v in sorted(g.values(), key=lambda v: v["nll"]):
-            if v["cell"] != "p2d/heads" and v["nll"] < p2d["nll"] - max(v["nll_std"], p2d["nll_std"]):
-                losses.append(f"`{v['cell']}` reaches {v['nll']:.4f} vs {p2d['nll']:.4f} for p2d/heads "
-                              f"({v['trainable_params'] / p2d['trainable_params']:.1f}× the trainable parameters, "
-                              f"{v['cost_s'] / p2d['cost_s']:.1f}× the cost).")
-        for v in g.values():
-            if v["selection"] != "p2d" and f"p2d/{v['adaptation']}" in g:
-                mine_ = g[f"p2d/{v['adaptation']}"]
-                if v["nll"] < mine_["nll"] - max(v["nll_std"], mine_["nll_std"]):
-                    losses.append(f"With scope `{v['adaptation']}`, `{v['selection']}` data beats P2D data "
-                                  f"({v['nll']:.4f} vs {mine_['nll']:.4f}).")
+            if v["cell"] != ref_name and v["nll"] < ref["nll"] - max(v["nll_std"], ref["nll_std"]):
+                losses.append(f"`{v['cell']}` reaches {v['nll']:.4f} vs {ref['nll']:.4f} for {ref_name} "
+                              f"({v['trainable_params'] / ref['trainable_params']:.1f}× the trainable parameters, "
+                              f"{v['cost_s'] / ref['cost_s']:.1f}× the cost).")
         worse = [v["cell"] for v in g.values() if v["nll"] > base_nll]
         if worse:
-            losses.append(f"cells that end above the base NLL {base_nll:.4f} (training hurt): "
+            losses.append(f"Cells that end above the base NLL {base_nll:.4f} (training hurt): "
                           + ", ".join(f"`{c}`" for c in worse) + ".")
     return [
         "**(1) Do ALPS-chosen heads train better than random or layer-uniform heads of the same count?** "
         + " ".join(q1),
-        "**(2) Does P2D selection beat random selection at the same size?** " + " ".join(q2),
-        "**(3) Where P2D loses.** " + (" ".join(losses) if losses else
-                                      "No cell run beats p2d/heads by more than the seed noise."),
-    ]
+        "**(2) Does P2D selection beat random (or embedding) selection at the same size?** " + " ".join(q2),
+        "**(3) Do heads found on one dataset transfer to another of the same domain?** "
+        + (" ".join(q3) if q3 else "not run."),
+        "**(4) P2D against full-data, full-parameter training (the NLL target).** " + " ".join(q4),
+        f"**(5) Where P2D ({ref_name}) loses.** " + (" ".join(losses) if losses else
+                                                    "No cell run beats it by more than the seed noise."),
+    ] + (["**(6) The same comparisons on the other held-out sets.** " + " ".join(extra)]
+         if (extra := other_metrics(g, sorted({k for v in g.values() for k in v["extra"]}))) else [])
 
 
 def markdown(res: dict, g: dict, ref: dict | None) -> str:
@@ -351,9 +388,12 @@ def markdown(res: dict, g: dict, ref: dict | None) -> str:
                "cost s": f"{v['cost_s']:.0f}", "AER": f"{v['aer']:.3f}" if "aer" in v else "–"}
         if metric in v:
             row[metric] = f"{v[metric]:.3f}"
+        for name, (mean, std) in v["extra"].items():
+            row[f"NLL {name}"] = f"{mean:.4f}" + (f" ± {std:.4f}" if v["seeds"] > 1 else "")
         rows.append(row)
-    cols = ["selection", "adaptation", "seeds", "NLL", "Δ vs base"] + ([metric] if metric in base else []) + \
-        ["trainable", "train s", "tokens", "tok/s", "cost s", "AER"]
+    extra_cols = [f"NLL {name}" for name in base.get("extra", {})]
+    cols = ["selection", "adaptation", "seeds", "NLL", "Δ vs base", *extra_cols] + \
+        ([metric] if metric in base else []) + ["trainable", "train s", "tokens", "tok/s", "cost s", "AER"]
     sel_rows = [{"selection": k, "samples": len(v["ids"]), **{lab: f"{v['labels'].get(lab, 0) / len(v['ids']):.0%}"
                                                                for lab in res["pool"]["labels"]},
                  "tokens": f"{v['tokens']:,}", "mining s": f"{v['seconds']:.0f}"}
@@ -370,11 +410,18 @@ def markdown(res: dict, g: dict, ref: dict | None) -> str:
         f"{s['data_frac']:.0%} of the pool. All cells: {s['epochs']} epochs, AdamW (wd 0.1), cosine schedule with "
         f"10% warmup, batch {s['batch_size']}, max length {s['max_length']}; lr {s['lr_heads']:g} for heads-type "
         f"scopes and LoRA (rank {s['lora_rank']}), {s['lr_full']:g} for full / alps / no-attn. "
-        f"{res['n_heads']} heads (ALPS: `{s['heads']}`). Eval: response NLL (nats/token) on the first "
+        f"{res['n_heads']} heads (ALPS: `{s['heads']}`"
+        + (f"; transfer-heads: `{res['transfer_heads']}`" if res.get("transfer_heads") else "")
+        + "). Eval: response NLL (nats/token) on the first "
         f"{s['eval_limit']} rows of `{EVAL[s['domain']][0]}`{task}.",
         "",
         f"**Base model (no training): NLL {base['nll']:.4f}**"
-        + (f", {metric} {base[metric]:.3f}" if metric in base else "") + f" ({base['nll_tokens']:,} response tokens).",
+        + (f", {metric} {base[metric]:.3f}" if metric in base else "") + f" ({base['nll_tokens']:,} response tokens)"
+        + "".join(f"; NLL {k} {v:.4f}" for k, v in base.get("extra", {}).items()) + "."
+        + (" Extra held-out sets: `humaneval-fn` scores the same HumanEval problems with the whole function "
+           "(signature, docstring, body) as the response, the form CodeAlpaca answers take, where the main NLL "
+           "scores the indented body alone; `codealpaca` is 64 CodeAlpaca rows in neither the pool nor the target."
+           if base.get("extra") else ""),
         "",
         table(rows, cols),
         "",
@@ -408,9 +455,10 @@ def main() -> None:
     ap.add_argument("--lr-heads", type=float, default=1e-3, help="heads, random-heads, lc-heads, lora")
     ap.add_argument("--lr-full", type=float, default=5e-5, help="full, alps, no-attn")
     ap.add_argument("--lora-rank", type=int, default=128)
+    ap.add_argument("--transfer-heads", type=Path, help="heads.json found on another dataset, for transfer-heads")
     ap.add_argument("--eval-limit", type=int, default=164, help="eval rows for NLL (164 = all of HumanEval)")
     ap.add_argument("--task-limit", type=int, default=0, help="problems for pass@1 / EM (0 = skip; slow on CPU)")
-    ap.add_argument("--results", type=Path, default=DOCS / "results" / "quality_grid_raw.json")
+    ap.add_argument("--results", type=Path, help="accumulated cells (default: docs/results/<section>_raw.json)")
     ap.add_argument("--estimate-only", action="store_true", help="print the runtime estimate and stop")
     ap.add_argument("--quick", action="store_true", help="tiny pool, 1 epoch, 4 cells, seed 0; nothing in docs/")
     args = ap.parse_args()
@@ -418,8 +466,10 @@ def main() -> None:
     if args.quick:
         args.epochs, args.max_length, args.eval_limit, args.data_frac, args.seeds = 1, 128, 4, 0.25, [0]
         args.cells = QUICK_CELLS if args.cells == DEFAULT_CELLS else args.cells
-        if args.results == DOCS / "results" / "quality_grid_raw.json":
-            args.results = Path(tempfile.mkdtemp(prefix="p2d-bench-quality-")) / "quality_grid_raw.json"
+        args.results = args.results or Path(tempfile.mkdtemp(prefix="p2d-bench-quality-")) / "quality_grid_raw.json"
+    # one docs section (and raw file) per domain: quality_grid (code), quality_grid_math
+    section = "quality_grid" if args.domain == "code" else f"quality_grid_{args.domain}"
+    args.results = args.results or DOCS / "results" / f"{section}_raw.json"
     if not (args.heads or args.quick):
         ap.error("--heads is required (or --quick)")
     data_root = args.data_root or default_data_root()
@@ -428,7 +478,9 @@ def main() -> None:
     model, tok = load_model(MODEL)
     geom = AttentionGeometry.from_config(model.config)
     heads_path = args.heads or quick_heads(geom, args.results.parent)
-    lists = head_lists(heads_path, geom, sorted({c.seed for c in cells}))
+    if any(c.adaptation == "transfer-heads" for c in cells) and not args.transfer_heads:
+        ap.error("transfer-heads cells need --transfer-heads")
+    lists = head_lists(heads_path, geom, sorted({c.seed for c in cells}), args.transfer_heads)
     s = Settings(args.domain, str(heads_path), args.data_frac, args.epochs, args.batch_size, args.max_length,
                  args.lr_heads, args.lr_full, args.lora_rank, args.eval_limit, args.task_limit, pool_sizes)
     # trainer checkpoints of unfinished cells: outside docs/, tied to this results file
@@ -437,12 +489,17 @@ def main() -> None:
     if not args.results.is_file():
         shutil.rmtree(work, ignore_errors=True)
     res = read_json(args.results) if args.results.is_file() else {"settings": asdict(s), "cells": {}, "selections": {}}
+    if args.transfer_heads:
+        known = res.setdefault("transfer_heads", str(args.transfer_heads))
+        if known != str(args.transfer_heads) and any("/transfer-heads/" in k for k in res["cells"]):
+            raise P2DError(f"{args.results} holds transfer-heads cells made with {known}, not {args.transfer_heads}")
+        res["transfer_heads"] = str(args.transfer_heads)
     if res["settings"] != asdict(s):
         diff = sorted(k for k in asdict(s) if res["settings"].get(k) != asdict(s)[k])
         raise P2DError(f"{args.results} holds cells made with other settings ({', '.join(diff)}); "
                        "use the same options or another --results")
 
-    pool_rows, target_rows = load_data(args.domain, data_root, pool_sizes)
+    pool_rows, target_rows = domain_pool(args.domain, data_root, **pool_sizes)
     pool = to_examples(pool_rows, "mixed-pool")
     target = to_examples(target_rows, f"{args.domain}-target")
     label = {r["id"]: r["label"] for r in pool_rows}
@@ -452,8 +509,9 @@ def main() -> None:
             "target_n": len(target),
             "pool": {"n": len(pool), "labels": {k: n for k in LABELS if (n := sum(label[e.id] == k for e in pool))},
                      "train_tokens": sum(pool_tokens)}}
-    if "base" not in res:
-        res["base"] = eval_model(model, tok, s, data_root)
+    extra = extra_eval_sets(args.domain, data_root, {r["id"] for r in pool_rows + target_rows}, args.eval_limit)
+    if "base" not in res or set(res["base"].get("extra", {})) != set(extra):
+        res["base"] = eval_model(model, tok, s, data_root, extra)
         write_json(args.results, res)
     print(f"base model NLL {res['base']['nll']:.4f} ({res['base']['seconds']:.0f} s to evaluate)")
 
@@ -480,7 +538,7 @@ def main() -> None:
         print(f"[{n}/{len(todo)}] {cell.key}")
         sel = res["selections"][cell.selection_key]
         res["cells"][cell.key] = run_cell(cell, s, [pool[i] for i in sel["index"]], cell_heads(cell, lists), work,
-                                          data_root)
+                                          data_root, extra)
         print(f"  NLL {res['cells'][cell.key]['eval']['nll']:.4f}, {res['cells'][cell.key]['train_seconds']:.0f} s")
         write_json(args.results, res)
     shutil.rmtree(work, ignore_errors=True)
@@ -496,7 +554,7 @@ def main() -> None:
         write_text(args.results.with_name("quality_grid.md"), md)
         print(f"\nwritten to {args.results.parent} (not published)")
     else:
-        publish("quality_grid", "Quality: selection × adaptation (SmolLM2-135M, CPU)", md, summary)
+        publish(section, f"Quality, {args.domain}: selection × adaptation (SmolLM2-135M, CPU)", md, summary)
 
 
 if __name__ == "__main__":
