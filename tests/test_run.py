@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,8 @@ from p2d import P2DError
 from p2d.pipelines.run import RunConfig, run_pipeline
 from p2d.proxy import ProxyConfig
 from p2d.trainer import TrainConfig
+
+HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "humaneval.jsonl.gz"
 
 
 def config(tiny_model, data, **kw) -> RunConfig:
@@ -104,3 +107,21 @@ def test_bad_options_fail_before_any_stage(tiny_model, small_pool, tmp_path, kw,
     with pytest.raises(P2DError, match=match):
         run_pipeline(config(tiny_model, small_pool, **kw), tmp_path / "r", progress=False)
     assert not (tmp_path / "r" / "proxy").exists()
+
+
+def test_eval_scores_base_and_trained_without_redoing_stages(finished, tiny_model, small_pool):
+    if not HUMANEVAL.exists():
+        pytest.skip("needs ../shared/data/eval/humaneval.jsonl.gz for the code card")
+    run, _ = finished
+    run_pipeline(config(tiny_model, small_pool), run, progress=False)  # stages as this config makes them
+    before = {s: stage_state(run, s) for s in ("proxy", "localize", "mine", "train", "reference")}
+    report = run_pipeline(config(tiny_model, small_pool, evaluate=True, eval_limit=2), run, progress=False)
+    assert {s: stage_state(run, s) for s in before} == before  # --eval adds an evaluation, it retrains nothing
+    for name in ("base", "trained"):
+        res = report["eval"][name]
+        assert res["eval_task"] == "humaneval" and res["task_samples"] == 2 and 0 <= res["humaneval_pass@1"] <= 1
+        saved = json.loads((run / f"eval-{name}.json").read_text())
+        assert saved["nll"] == pytest.approx(res["nll"]) and len(saved["task_results"]) == 2
+    assert report["eval"]["trained"]["nll"] != report["eval"]["base"]["nll"]  # the trained model, not the base twice
+    assert json.loads((run / "aer.json").read_text())["eval"] == report["eval"]
+    assert "## Evaluation" in (run / "report.md").read_text()
