@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import DOCS, publish, table  # noqa: E402
+from _report import DOCS, command, publish, table  # noqa: E402
 from mining import quick_heads  # noqa: E402
 from pools import LABELS, default_data_root, domain_pool, held_out_code  # noqa: E402
 
@@ -428,6 +428,8 @@ def markdown(res: dict, g: dict, ref: dict | None) -> str:
         f"Cost = mining + training seconds; {alps_note}. T_ref (full-data, full-parameter training): "
         + (f"{ref['seconds']:.0f} s, {ref['method']}." if ref else "no full-scope cell has run yet, so no AER."),
         "",
+        *(["The cells accumulated over these invocations (the command above re-rendered them):", "",
+            *[f"- `{c}`" for c in res["commands"]], ""] if res.get("commands") else []),
         "Selections (label shares of the selected rows):",
         "",
         table(sel_rows, ["selection", "samples", *res["pool"]["labels"], "tokens", "mining s"]),
@@ -516,6 +518,8 @@ def main() -> None:
     print(f"base model NLL {res['base']['nll']:.4f} ({res['base']['seconds']:.0f} s to evaluate)")
 
     todo = [c for c in cells if c.key not in res["cells"]]
+    if todo and command() not in res.setdefault("commands", []):
+        res["commands"].append(command())  # cells accumulate over several invocations: say which made them
     est = estimate(todo, res, pool_tokens, s)
     print(f"{len(cells) - len(todo)} of {len(cells)} cells already in {args.results}; estimated time for the rest:")
     for k, v in est.items():
