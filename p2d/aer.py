@@ -89,8 +89,12 @@ def measure_reference(model_spec: str, data: list, pad_id: int, config, steps: i
                       work_dir: str | Path | None = None) -> dict:
     """T_ref: full-parameter training on the whole pool, timed on `steps` steps and extrapolated.
 
-    The timed steps use a seeded random sample of the pool, batched like the real run (length
-    grouping), after one untimed warm-up step. T_ref = pool tokens × epochs / measured tokens/s.
+    One run of steps + 1 full-parameter steps on a seeded random sample of the pool; the first step
+    (allocations, the optimizer's state) is not timed. Cost is counted in padded positions, because
+    a step computes on its padding too: a small random sample pads far more (10-15% on the mixed
+    benchmark pool) than the whole pool grouped by length (under 1%), and counting only real tokens
+    overestimated T_ref by 1.4-1.6x. T_ref = padded positions of the real run's plan × epochs /
+    measured positions per second.
     """
     import random
     import shutil
@@ -100,7 +104,7 @@ def measure_reference(model_spec: str, data: list, pad_id: int, config, steps: i
     from p2d.geometry import AttentionGeometry
     from p2d.masking import apply_scope
     from p2d.models import load_model
-    from p2d.trainer import train
+    from p2d.trainer import step_plan, train
 
     model, _ = load_model(model_spec)
     apply_scope(model, AttentionGeometry.from_config(model.config), "full")
@@ -108,15 +112,17 @@ def measure_reference(model_spec: str, data: list, pad_id: int, config, steps: i
     sample = rng.sample(data, min(len(data), (steps + 1) * config.batch_size * config.grad_accum))
     work = Path(tempfile.mkdtemp(dir=work_dir))
     try:
-        warm = replace(config, max_steps=1, save_every=10**9)
-        train(model, sample[: config.batch_size * config.grad_accum], pad_id, warm, work / "warmup", progress=False)
-        timed = train(model, sample, pad_id, replace(config, max_steps=steps, save_every=10**9), work / "timed",
-                      progress=False)
+        run = train(model, sample, pad_id, replace(config, max_steps=steps + 1, save_every=10**9), work / "timed",
+                    progress=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    pool_tokens = sum(min(len(t), config.max_length) for t in data)
+    timed = slice(1, None) if len(run.step_seconds) > 1 else slice(None)
+    positions_per_s = sum(run.step_positions[timed]) / max(sum(run.step_seconds[timed]), 1e-9)
+    lengths = [min(len(t), config.max_length) for t in data]
     epochs = config.epochs if config.max_steps is None else 1
-    seconds = pool_tokens * epochs / timed.tokens_per_s
-    return {"seconds": seconds, "method": f"extrapolated from {steps} timed full-parameter steps",
-            "tokens_per_s": timed.tokens_per_s, "pool_tokens": pool_tokens, "epochs": epochs,
-            "samples": len(data)}
+    plan = step_plan(lengths, config, 0)
+    positions = epochs * sum(max(lengths[i] for i in mb) * len(mb) for step in plan for mb in step)
+    return {"seconds": positions / positions_per_s,
+            "method": f"extrapolated from {len(run.step_seconds[timed])} timed full-parameter steps",
+            "positions_per_s": positions_per_s, "pool_tokens": sum(lengths), "padded_positions": positions,
+            "epochs": epochs, "samples": len(data)}

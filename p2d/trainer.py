@@ -61,6 +61,9 @@ class TrainResult:
     final_loss: float | None
     losses: list[float] = field(default_factory=list)
     resumed_from: int | None = None
+    # per optimizer step: seconds and padded positions processed (what a step costs, padding included)
+    step_seconds: list[float] = field(default_factory=list)
+    step_positions: list[int] = field(default_factory=list)
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float = 0.1, min_lr_ratio: float = 0.1) -> float:
@@ -346,7 +349,8 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
     if run.world != world:
         raise P2DError(f"DeepSpeed reports {run.world} ranks but WORLD_SIZE says {world}")
 
-    state = {"step": 0, "losses": [], "tokens": 0, "seconds": 0.0, "total_steps": total}
+    state = {"step": 0, "losses": [], "tokens": 0, "seconds": 0.0, "total_steps": total, "step_seconds": [],
+             "step_positions": []}
     resumed_from = None
     ckpt = _latest_checkpoint(out_dir)
     if ckpt is not None:
@@ -374,8 +378,11 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
             tokens = run.all_sum(float(sum(b["attention_mask"].sum().item() for b in micro)))
             t0 = time.perf_counter()
             loss = run.all_sum(run.step(micro, n_tokens)) / max(n_tokens, 1.0)
-            state["seconds"] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            state["seconds"] += dt
             state["tokens"] += int(tokens)
+            state.setdefault("step_seconds", []).append(dt)
+            state.setdefault("step_positions", []).append(int(run.all_sum(float(sum(b["input_ids"].numel() for b in micro)))))
             state["losses"].append(loss)
             state["step"] = step + 1
             if state["step"] % config.log_every == 0 or state["step"] == total:
@@ -391,4 +398,6 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
     return TrainResult(steps=state["step"], seconds=state["seconds"], tokens=state["tokens"],
                        tokens_per_s=state["tokens"] / max(state["seconds"], 1e-9),
                        final_loss=state["losses"][-1] if state["losses"] else None,
-                       losses=list(state["losses"]), resumed_from=resumed_from)
+                       losses=list(state["losses"]), resumed_from=resumed_from,
+                       step_seconds=list(state.get("step_seconds", [])),
+                       step_positions=list(state.get("step_positions", [])))
