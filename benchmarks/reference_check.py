@@ -63,7 +63,7 @@ def main() -> None:
         table(rows, ["seed", "estimate s", "positions/s", "÷ measured", "cost of the estimate s"]),
         "",
         f"**What this shows.** The estimate is {min(ratios):.2f}–{max(ratios):.2f}× the measured epoch, so speedups "
-        f"that `p2d run` reports are that much too high. Before commit 9990a51 the estimate counted only real tokens "
+        f"that `p2d run` reports are that much too high. Up to commit 9990a51 the estimate counted only real tokens "
         f"and timed a fresh optimizer's first step; it came out 1.40× and 1.58× (1,390 s and 1,575 s in "
         f"`benchmarks/cost.py`). `p2d run --measure-reference` times the whole epoch instead.",
     ])
