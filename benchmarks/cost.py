@@ -87,7 +87,6 @@ def markdown(results: list[dict]) -> str:
             evals.append({"config": r["name"], "metric": metric, "problems": ev["base"].get("task_samples", ""),
                           "base": f"{ev['base'][metric]:.3f}", "trained": f"{ev['trained'][metric]:.3f}",
                           "base NLL": f"{ev['base']['nll']:.4f}", "trained NLL": f"{ev['trained']['nll']:.4f}"})
-    dominant = {r["name"]: max(STAGES, key=lambda s: r["report"]["stages"][s]["seconds"]) for r in results}
     labels = sorted({k for r in sel_rows for k in r} - {"config", "selected"})
     lines = [
         "Stage seconds (share of P2D's total). The reference is full-data, full-parameter training for the same "
@@ -103,9 +102,12 @@ def markdown(results: list[dict]) -> str:
         lines += ["`p2d run --eval` (base model vs the trained one; task metric on the first problems of the "
                   "domain's eval set, response NLL on the whole eval set):", "",
                   table(evals, ["config", "metric", "problems", "base", "trained", "base NLL", "trained NLL"]), ""]
-    lines.append("**What dominates.** " + "; ".join(
-        f"{n}: {s} ({r['report']['stages'][s]['seconds'] / r['report']['total_seconds']:.0%})"
-        for (n, s), r in zip(dominant.items(), results)) + ".")
+    dominant = []
+    for r in results:
+        stages, total = r["report"]["stages"], r["report"]["total_seconds"]
+        top = max(STAGES, key=lambda s: stages[s]["seconds"])
+        dominant.append(f"{r['name']}: {top} ({stages[top]['seconds'] / total:.0%})")
+    lines.append("**What dominates.** " + "; ".join(dominant) + ".")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ import itertools
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +57,8 @@ def localize_one(name: str, out: Path, data_root: Path, proxy: ProxyConfig, head
         return read_json(info_path)
     path = source if source.startswith("p2d:") else str(data_root / source)
     examples = to_examples(load_records(path), path, domain=domain)[start: start + proxy.samples]
-    cfg = ProxyConfig(**{**proxy.__dict__, "seed": seed})
     t0 = time.perf_counter()
-    task = run_proxy(MODEL, examples, run_dir / "proxy", cfg, progress=False)
+    task = run_proxy(MODEL, examples, run_dir / "proxy", replace(proxy, seed=seed), progress=False)
     proxy_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     score_and_select(LocalizeConfig(model=MODEL, task_model=str(task), head_frac=head_frac), task, run_dir)

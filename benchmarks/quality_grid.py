@@ -54,7 +54,7 @@ from p2d.mining import mine  # noqa: E402
 from p2d.models import load_model  # noqa: E402
 from p2d.pipelines.mine import MineConfig  # noqa: E402
 from p2d.selection import read_heads_json, select_heads  # noqa: E402
-from p2d.tokens import Example, tokenize  # noqa: E402
+from p2d.tokens import Example, Tokenized, tokenize  # noqa: E402
 from p2d.trainer import TrainConfig, train  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -157,7 +157,7 @@ def alps_seconds(heads_path: Path) -> float | None:
     return None
 
 
-def extra_eval_sets(domain: str, data_root: Path, used_ids: set[str], n: int) -> dict[str, list[Example]]:
+def extra_eval_sets(domain: str, data_root: Path, used_ids: set[str], n: int, tok) -> dict[str, list[Tokenized]]:
     """Further held-out NLL sets, so that no verdict rests on one response format (code only).
 
     `humaneval-fn`: the whole function (signature, docstring, body) as the response, the form
@@ -168,10 +168,11 @@ def extra_eval_sets(domain: str, data_root: Path, used_ids: set[str], n: int) ->
         return {}
     problems = humaneval_problems(data_root / EVAL["code"][0], n)
     fn = [Example(p["task_id"], humaneval_prompt(p), p["prompt"] + p["canonical_solution"]) for p in problems]
-    return {"humaneval-fn": fn, "codealpaca": to_examples(held_out_code(data_root, used_ids, n), "codealpaca-held-out")}
+    sets = {"humaneval-fn": fn, "codealpaca": to_examples(held_out_code(data_root, used_ids, n), "codealpaca-held-out")}
+    return {name: tokenize(ex, tok, 1024) for name, ex in sets.items()}
 
 
-def eval_model(model, tok, s: Settings, data_root: Path, extra: dict[str, list[Example]]) -> dict:
+def eval_model(model, tok, s: Settings, data_root: Path, extra: dict[str, list[Tokenized]]) -> dict:
     """Held-out response NLL (and the task metric when --task-limit > 0), without the per-task dump; plus the
     NLL of every extra set under "extra"."""
     path, task, _ = EVAL[s.domain]
@@ -179,8 +180,7 @@ def eval_model(model, tok, s: Settings, data_root: Path, extra: dict[str, list[E
                    task_limit=s.task_limit or None, tasks=s.task_limit > 0, tokenizer=tok, template="alpaca")
     res.pop("task_results", None)
     res["eval_source"] = str(path)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    res["extra"] = {name: response_nll(model, tokenize(ex, tok, 1024), pad).mean for name, ex in extra.items()}
+    res["extra"] = {name: response_nll(model, data, tok.pad_token_id).mean for name, data in extra.items()}
     return res
 
 
@@ -202,7 +202,7 @@ def mine_selection(key: str, model, tok, pool: list[Example], target: list[Examp
 
 
 def run_cell(cell: Cell, s: Settings, examples: list[Example], heads: list | None, work: Path,
-             data_root: Path, extra: dict[str, list[Example]]) -> dict:
+             data_root: Path, extra: dict[str, list[Tokenized]]) -> dict:
     """Train a fresh base model in the cell's scope on its selection, then evaluate it."""
     scope, _, lr_group = ADAPTATIONS[cell.adaptation]
     model, tok = load_model(MODEL)
@@ -420,7 +420,7 @@ def markdown(res: dict, g: dict, ref: dict | None) -> str:
         + "".join(f"; NLL {k} {v:.4f}" for k, v in base.get("extra", {}).items()) + "."
         + (" Extra held-out sets: `humaneval-fn` scores the same HumanEval problems with the whole function "
            "(signature, docstring, body) as the response, the form CodeAlpaca answers take, where the main NLL "
-           "scores the indented body alone; `codealpaca` is 64 CodeAlpaca rows in neither the pool nor the target."
+           f"scores the indented body alone; `codealpaca` is {s['eval_limit']} CodeAlpaca rows in neither the pool nor the target."
            if base.get("extra") else ""),
         "",
         table(rows, cols),
@@ -511,7 +511,8 @@ def main() -> None:
             "target_n": len(target),
             "pool": {"n": len(pool), "labels": {k: n for k in LABELS if (n := sum(label[e.id] == k for e in pool))},
                      "train_tokens": sum(pool_tokens)}}
-    extra = extra_eval_sets(args.domain, data_root, {r["id"] for r in pool_rows + target_rows}, args.eval_limit)
+    extra = extra_eval_sets(args.domain, data_root, {r["id"] for r in pool_rows + target_rows}, args.eval_limit,
+                            tok)
     if "base" not in res or set(res["base"].get("extra", {})) != set(extra):
         res["base"] = eval_model(model, tok, s, data_root, extra)
         write_json(args.results, res)

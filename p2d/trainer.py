@@ -355,6 +355,8 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
     ckpt = _latest_checkpoint(out_dir)
     if ckpt is not None:
         state = run.load(ckpt)
+        state.setdefault("step_seconds", [])  # checkpoints written before per-step records
+        state.setdefault("step_positions", [])
         if state["total_steps"] != total:
             raise P2DError(f"{ckpt}: checkpoint is from a run of {state['total_steps']} steps, this one has {total}; "
                            "use the same options or another output directory")
@@ -376,13 +378,14 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
             micro = [collate([data[i] for i in mb], pad_id) for mb in plan[pos]]
             n_tokens = run.all_sum(float(sum((b["labels"][:, 1:] != IGNORE).sum().item() for b in micro)))
             tokens = run.all_sum(float(sum(b["attention_mask"].sum().item() for b in micro)))
+            positions = run.all_sum(float(sum(b["input_ids"].numel() for b in micro)))  # padding included
             t0 = time.perf_counter()
             loss = run.all_sum(run.step(micro, n_tokens)) / max(n_tokens, 1.0)
             dt = time.perf_counter() - t0
             state["seconds"] += dt
             state["tokens"] += int(tokens)
-            state.setdefault("step_seconds", []).append(dt)
-            state.setdefault("step_positions", []).append(int(run.all_sum(float(sum(b["input_ids"].numel() for b in micro)))))
+            state["step_seconds"].append(dt)
+            state["step_positions"].append(int(positions))
             state["losses"].append(loss)
             state["step"] = step + 1
             if state["step"] % config.log_every == 0 or state["step"] == total:
@@ -399,5 +402,4 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
                        tokens_per_s=state["tokens"] / max(state["seconds"], 1e-9),
                        final_loss=state["losses"][-1] if state["losses"] else None,
                        losses=list(state["losses"]), resumed_from=resumed_from,
-                       step_seconds=list(state.get("step_seconds", [])),
-                       step_positions=list(state.get("step_positions", [])))
+                       step_seconds=list(state["step_seconds"]), step_positions=list(state["step_positions"]))
