@@ -89,10 +89,13 @@ def mine_options(f):
                      help="Heads whose outputs mine: ALPS (heads.json), random, or those that best separate target from pool."),
         click.option("--mining-max-layer", type=int, default=None,
                      help="Random/discriminative heads only from layers 0..N: extraction stops after layer N."),
-        click.option("--quality", type=click.Choice(["none", "nll", "ifd"]), default="nll",
-                     help="Fold a per-sample quality signal into the rank (base-model response loss, or IFD)."),
-        click.option("--selector", type=click.Choice(["p2d", "random", "embedding-mid", "embedding-last"]), default="p2d",
-                     help="p2d head features, or a baseline."),
+        click.option("--quality", type=click.Choice(["none", "nll", "ifd", "reducible"]), default="reducible",
+                     help="Quality signal folded into p2d's rank: reducible (base minus proxy task-model response "
+                          "loss on an affinity shortlist), nll (base loss), ifd (filter), or none."),
+        click.option("--selector", type=click.Choice(["p2d", "p2d-paper", "rds", "ifd", "random", "embedding-mid",
+                                                      "embedding-last"]), default="p2d",
+                     help="p2d (head affinity + quality), or a baseline: p2d-paper (head affinity alone), rds "
+                          "(RDS+), ifd (Superfiltering), random, embedding-mid/-last."),
     ]):
         f = opt(f)
     return f
@@ -104,8 +107,12 @@ def mine_options(f):
 @click.option("--data", default="p2d:default", help="The pool: a data file, a datasets dir, a hub id, or p2d:default.")
 @click.option("--domain", type=click.Choice(["code", "math", "general"]), default=None)
 @mine_options
-@click.option("--pooling", type=click.Choice(["mean", "last", "mean-all", "max"]), default="mean")
-@click.option("--quality-weight", default=0.5, type=float, help="Weight of the quality rank against affinity.")
+@click.option("--pooling", type=click.Choice(["mean", "last", "mean-all", "max", "weighted"]), default="mean",
+              help="How head features are pooled over a sample (rds always uses weighted).")
+@click.option("--quality-weight", default=None, type=float,
+              help="Weight of the quality rank against affinity (default: 0.5 for nll, 1.0 for reducible).")
+@click.option("--task-model", default=None,
+              help="Proxy task model for --quality reducible (default: the task_model recorded in heads.json).")
 @click.option("--dedup", default=None, type=float, help="Drop samples whose cosine to a kept one is >= this.")
 @click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto")
 @click.option("--max-length", default=128, help="Tokens read per sample.")
@@ -125,9 +132,11 @@ def mine(out: str, **kw) -> None:
 
 def train_options(f):
     for opt in reversed([
-        click.option("--epochs", default=1, help="Epochs over the data."),
+        click.option("--epochs", default=2, help="Epochs over the data."),
         click.option("--max-steps", default=None, type=int, help="Optimizer steps (overrides --epochs)."),
-        click.option("--lr", default=1e-4, type=float, help="Peak learning rate (cosine to 10% after 10% warmup)."),
+        click.option("--lr", default=None, type=float,
+                     help="Peak learning rate, cosine to 10% after 10% warmup (default: 1e-3 for heads, lc, random "
+                          "and lora scopes, 5e-5 for the others)."),
         click.option("--batch-size", default=4, help="Micro-batch size per process."),
         click.option("--grad-accum", default=1, help="Micro-batches per optimizer step."),
         click.option("--max-length", default=256, help="Tokens per sample."),
@@ -150,7 +159,10 @@ def train_config(kw: dict):
     local_rank = kw.pop("local_rank")
     if local_rank is not None:  # the deepspeed launcher passes --local_rank; the trainer reads the env
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    return TrainConfig(lr=kw.pop("lr"), weight_decay=kw.pop("weight_decay"), batch_size=kw.pop("batch_size"),
+    from p2d.pipelines.train import DEFAULT_LR
+
+    lr = kw.pop("lr")
+    return TrainConfig(lr=DEFAULT_LR.get(kw["scope"], DEFAULT_LR["full"]) if lr is None else lr, weight_decay=kw.pop("weight_decay"), batch_size=kw.pop("batch_size"),
                        grad_accum=kw.pop("grad_accum"), epochs=kw.pop("epochs"), max_steps=kw.pop("max_steps"),
                        max_length=kw.pop("max_length"), deepspeed=kw.pop("deepspeed"),
                        save_every=kw.pop("save_every"), seed=kw.get("seed", 0))

@@ -28,9 +28,9 @@ from p2d.geometry import AttentionGeometry, decoder_layers, projection
 from p2d.io import atomic_path, read_json, save_npy, write_json
 from p2d.tokens import IGNORE, Tokenized, collate, length_batches
 
-POOLINGS = ("mean", "last", "mean-all", "max")
+POOLINGS = ("mean", "last", "mean-all", "max", "weighted")
 KINDS = ("heads", "hidden")
-QUALITIES = ("none", "nll", "ifd")
+QUALITIES = ("none", "nll", "ifd")  # what one pass computes; "reducible" (mining) adds a task-model pass
 SHARD_SAMPLES = 256
 
 
@@ -60,12 +60,18 @@ def fingerprint(tokenized: list[Tokenized]) -> str:
 
 
 def _pool(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[B, T, D] -> [B, D] over the response (`weight`) or non-pad (`mask`) positions; zero if none."""
+    """[B, T, D] -> [B, D] over the response (`weight`) or non-pad (`mask`) positions; zero if none.
+
+    `weighted` is RDS+'s position-weighted mean over the whole (non-pad) sample.
+    """
     x = x.float()
-    sel = (mask if pooling == "mean-all" else weight).bool()
+    sel = (mask if pooling in ("mean-all", "weighted") else weight).bool()
     n = sel.sum(1, keepdim=True)
     if pooling in ("mean", "mean-all"):
         return (x * sel[..., None]).sum(1) / n.clamp(min=1)
+    if pooling == "weighted":  # RDS+: later tokens, which have seen more of the sample, weigh more (w_t = t)
+        w = sel.cumsum(1) * sel
+        return (x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
     if pooling == "max":
         return x.masked_fill(~sel[..., None], -math.inf).amax(1).masked_fill(n == 0, 0.0)
     pos = torch.arange(x.shape[1], device=x.device)
@@ -304,7 +310,7 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
                 feats = torch.cat(feats_t).cpu().numpy().astype(np.float32)
                 qual = torch.cat(qual_t).double().cpu() if quality != "none" else None
                 if quality == "ifd":
-                    alone, n = _nll_pass(model, [_response_only(tokenized[i], start_id) for i in order],
+                    alone, n = nll_pass(model, [_response_only(tokenized[i], start_id) for i in order],
                                          batch_size, max_tokens)
                     n_tokens += n
                     qual = qual / alone
@@ -364,7 +370,7 @@ def _forward(model, geom, batch: list[Tokenized], kind: str, units: list, poolin
         return cap.features(), nll, int(enc["attention_mask"].sum())
 
 
-def _nll_pass(model, tokenized: list[Tokenized], batch_size: int, max_tokens: int) -> tuple[torch.Tensor, int]:
+def nll_pass(model, tokenized: list[Tokenized], batch_size: int, max_tokens: int) -> tuple[torch.Tensor, int]:
     """Mean response loss of each sample (in the given order) and the tokens forwarded."""
     device = next(model.parameters()).device
     out = torch.empty(len(tokenized), dtype=torch.float64)

@@ -8,14 +8,26 @@ k = n_prototypes, so the search is exact, linear in the pool, and never near GPU
 results-per-query limit. The pool-sized index is the near-duplicate index over kept samples,
 which is where `index` (flat / IVF) applies.
 
-Quality folding flags responses that do not follow from their instruction (e.g. a swapped answer):
+Selectors (one place to add another: `SELECTORS` and the branch in `mine`):
+- `p2d`: ALPS-head affinity with the quality signal folded in (below).
+- `p2d-paper`: ALPS-head affinity alone, the P2D paper's method.
+- `rds`: RDS+ (Ivison et al. 2025): position-weighted mean of the base model's last-layer hidden
+  states over the whole sample, ranked by the max cosine to any target sample.
+- `ifd`: Superfiltering: drop IFD >= 1, keep the highest IFD (target-agnostic).
+- `random`, `embedding-mid`, `embedding-last` (mean hidden state, affinity to prototypes).
+
+Quality signals folded into `p2d`:
 - `nll` (a high response loss under the base model is worse): score = pct(affinity) -
   quality_weight * pct(nll), with pct the rank percentile in [0, 1], so the two signals are
   commensurable whatever their scales.
+- `reducible` (RHO-loss style: base response loss minus the proxy task model's): affinity
+  shortlists SHORTLIST x the subset, then the task model reads only the shortlist, and within it
+  score = pct(affinity) + quality_weight * pct(reducible). A high value marks a sample the domain
+  fine-tune learned and the base had not: not trivial (low base loss), not noise (the task model
+  cannot predict a swapped answer either), and in the domain.
 - `ifd` (instruction-following difficulty, loss with / loss without the instruction): a filter, as
   in Cherry and Superfiltering. A sample with IFD >= 1 (the instruction does not help predict the
-  response) ranks below every other; the rest rank by affinity alone. Penalising IFD by rank
-  instead favours the easiest samples, which the quality grid showed to train worse.
+  response) ranks below every other; the rest rank by affinity alone.
 A sample with no quality value counts as worst. Ties break by sample id.
 """
 
@@ -27,14 +39,19 @@ from dataclasses import dataclass, field, replace
 
 import faiss
 import numpy as np
+import torch
 from scipy.stats import rankdata
 
 from p2d import P2DError
-from p2d.features import extract_features
+from p2d.features import nll_pass, extract_features
 from p2d.geometry import AttentionGeometry
 from p2d.tokens import IGNORE, Tokenized
 
-SELECTORS = ("p2d", "random", "embedding-mid", "embedding-last")
+SELECTORS = ("p2d", "p2d-paper", "rds", "ifd", "random", "embedding-mid", "embedding-last")
+QUALITIES = ("none", "nll", "ifd", "reducible")
+# quality_weight when none is given: nll as measured in the mining benchmark; reducible as measured in the selection one
+QUALITY_WEIGHT = {"nll": 0.5, "reducible": 1.0}
+SHORTLIST = 3  # reducible: the task model reads the top SHORTLIST x subset-size samples by affinity
 HEAD_SETS = ("alps", "random", "discriminative")
 IVF_ABOVE = 200_000
 MAX_PROTOTYPES = 16
@@ -106,14 +123,35 @@ def ifd_broken(ifd: np.ndarray) -> np.ndarray:
 
 
 def combine(affinity: np.ndarray, quality: np.ndarray | None, quality_weight: float, kind: str = "nll") -> np.ndarray:
-    """The ranking score from affinity and an optional quality signal (see the module docstring)."""
+    """The ranking score from affinity and an optional quality signal (see the module docstring).
+
+    For `reducible`, `quality` is NaN outside the shortlist: those samples rank below every
+    shortlisted one, by affinity.
+    """
     aff = _pct(affinity)
     if quality is None:
         return aff
     if kind == "ifd":
         return aff - 2.0 * ifd_broken(quality)  # below every kept sample, still ordered by affinity
+    if kind == "reducible":
+        listed = ~np.isnan(quality)
+        out = aff - 2.0
+        if listed.any():
+            out[listed] = _pct(affinity[listed]) + quality_weight * _pct(quality[listed])
+        return out
     q = np.where(np.isnan(quality), np.inf, quality)  # no value = worst
     return aff - quality_weight * _pct(q)
+
+
+def shortlist(affinity: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the SHORTLIST * count samples of highest affinity (ties by index), sorted."""
+    order = np.lexsort((np.arange(len(affinity)), -np.asarray(affinity, dtype=np.float64)))
+    return np.sort(order[: min(len(affinity), SHORTLIST * count)])
+
+
+def ifd_score(ifd: np.ndarray) -> np.ndarray:
+    """Superfiltering's rank: the highest IFD below 1 first; broken or missing values last."""
+    return np.where(ifd_broken(ifd), -1.0, np.nan_to_num(ifd, nan=-1.0))
 
 
 def _pct(x: np.ndarray) -> np.ndarray:
@@ -238,29 +276,40 @@ def _usable(tokenized: list[Tokenized]) -> list[Tokenized]:
 
 def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: float, selector: str = "p2d",
          heads: list[tuple[int, int]] | None = None, head_set: str = "alps", n_heads: int | None = None,
-         pooling: str = "mean", quality: str = "none", quality_weight: float = 0.5, tokenizer=None,
-         max_layer: int | None = None,
+         pooling: str = "mean", quality: str = "none", quality_weight: float | None = None, tokenizer=None,
+         task_model=None, max_layer: int | None = None,
          dedup_threshold: float | None = None, index: str = "auto", seed: int = 0, batch_size: int = 16,
          max_tokens: int = 8192, store_dir=None, model_id: str = "", progress: bool = True) -> MineResult:
     """Score and select pool samples for the domain the target samples define.
 
-    selector: "p2d" (head features; heads from `heads` (ALPS, heads.json), or a `random` or
-    `discriminative` set of the same count - `n_heads` when no ALPS heads are given),
-    "embedding-mid" / "embedding-last" (hidden state of the middle / last layer), or "random".
-    The summary reports the separation of target vs a pool sample for the features used (every
-    selector but random) and, for p2d, for every head set (alps when given, random, discriminative).
+    selector: see the module docstring. For "p2d" the heads come from `heads` (ALPS, heads.json),
+    or are a `random` or `discriminative` set of the same count (`n_heads` when no ALPS heads are
+    given). `quality` applies to "p2d" and the embedding selectors; "reducible" needs `task_model`
+    (the proxy fine-tune). The summary reports the separation of target vs a pool sample for the
+    features used and, for p2d, for every head set (alps when given, random, discriminative).
     """
     if selector not in SELECTORS:
         raise P2DError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
+    if quality not in QUALITIES:
+        raise P2DError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
     if head_set not in HEAD_SETS:
         raise P2DError(f"unknown head set {head_set!r}; choose one of {', '.join(HEAD_SETS)}")
     if index not in ("auto", "flat", "ivf"):
         raise P2DError(f"unknown index {index!r}; choose auto, flat or ivf")
     if not pool:
         raise P2DError("the pool is empty: nothing to select from")
+    if selector in ("p2d-paper", "rds", "ifd", "random"):
+        quality = "none"  # these are defined without a folded quality signal (ifd is its own signal)
+    if quality == "reducible" and task_model is None:
+        raise P2DError("--quality reducible needs the proxy task model: pass --task-model (or a heads.json "
+                       "whose task_model exists)")
+    if quality_weight is None:
+        quality_weight = QUALITY_WEIGHT.get(quality, 0.5)
+    if not math.isfinite(quality_weight):
+        raise P2DError(f"--quality-weight must be a finite number, got {quality_weight}")
     count = n_selected(data_frac, len(pool))
     usable_target = _usable(target)
-    if not usable_target:
+    if not usable_target and selector != "ifd":
         raise P2DError("the target set has no usable samples (no rows, or none with response tokens)")
     index = index if index != "auto" else ("ivf" if len(pool) > IVF_ABOVE else "flat")
     ids = [t.id for t in pool]
@@ -268,7 +317,7 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
                      "data_frac": data_frac, "pooling": pooling, "quality": quality, "seed": seed,
                      "timings": {}}
     geom = AttentionGeometry.from_config(model.config)
-    kw = dict(pooling=pooling, batch_size=batch_size, max_tokens=max_tokens, progress=progress, model_id=model_id)
+    kw = dict(batch_size=batch_size, max_tokens=max_tokens, progress=progress, model_id=model_id)
 
     if selector == "random":
         score = np.random.default_rng(seed).random(len(pool))
@@ -276,41 +325,67 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
         return MineResult(ids, np.full(len(pool), np.nan), None, score, rank, selected, summary)
 
     t0 = time.perf_counter()
-    if selector == "p2d":
+    last = geom.num_layers - 1
+    if selector in ("p2d", "p2d-paper"):
         heads, summary["head_sets"] = _choose_heads(model, geom, pool, usable_target, heads, head_set, n_heads, seed,
-                                                    max_layer, kw)
-        feat_kw = dict(kind="heads", heads=heads)
+                                                    max_layer, dict(kw, pooling=pooling))
+        feat_kw = dict(kind="heads", heads=heads, pooling=pooling)
         summary["heads"] = [list(h) for h in heads]
+    elif selector in ("rds", "ifd"):
+        feat_kw = dict(kind="hidden", layers=[last], pooling="weighted")
+        summary["layers"], summary["pooling"] = [last], "weighted"
     else:
-        layer = geom.num_layers // 2 if selector == "embedding-mid" else geom.num_layers - 1
-        feat_kw = dict(kind="hidden", layers=[layer])
+        layer = geom.num_layers // 2 if selector == "embedding-mid" else last
+        feat_kw = dict(kind="hidden", layers=[layer], pooling=pooling)
         summary["layers"] = [layer]
-    tgt = extract_features(model, usable_target, **feat_kw, **kw)
-    res = extract_features(model, pool, **feat_kw, **kw, quality=quality, tokenizer=tokenizer, store_dir=store_dir)
+    pass_quality = "ifd" if selector == "ifd" else ("nll" if quality == "reducible" else quality)
+    res = extract_features(model, pool, **feat_kw, **kw, quality=pass_quality, tokenizer=tokenizer,
+                           store_dir=store_dir)
     summary["timings"]["extract_s"] = round(time.perf_counter() - t0, 3)
     summary["extract_tokens_per_s"] = round(res.tokens_per_s, 1)
     summary["feature_dim"] = int(res.features.shape[1])
 
     t0 = time.perf_counter()
-    protos = prototypes(tgt.features, seed)
-    aff = affinity(res.features, protos)
+    if selector == "ifd":
+        aff = np.full(len(pool), np.nan)
+        qual = res.quality
+        score = ifd_score(qual)
+        summary["ifd_filtered"] = int(ifd_broken(qual).sum())
+    else:
+        t0 = time.perf_counter()
+        tgt = extract_features(model, usable_target, **feat_kw, **kw)
+        summary["timings"]["extract_s"] += round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        # RDS+ ranks by the nearest target sample; the other selectors by the nearest target prototype
+        protos = _normalized(np.asarray(tgt.features)) if selector == "rds" else prototypes(tgt.features, seed)
+        aff = affinity(res.features, protos)
+        summary["n_prototypes"] = len(protos)
+        sample = _pool_sample(len(pool), seed)
+        summary["separation_auroc"] = _rounded(separation(np.asarray(tgt.features), np.asarray(res.features[sample])))
+        qual = res.quality
+        if quality == "reducible":
+            listed = shortlist(aff, count)
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                task_nll, _ = nll_pass(task_model, [pool[i] for i in listed], batch_size, max_tokens)
+            summary["timings"]["task_model_s"] = round(time.perf_counter() - t1, 3)
+            qual = np.full(len(pool), np.nan)
+            qual[listed] = res.quality[listed] - task_nll.numpy()
+            summary["shortlist"] = int(len(listed))
+        score = combine(aff, qual, quality_weight, quality)
     summary["timings"]["index_s"] = round(time.perf_counter() - t0, 3)
-    summary["n_prototypes"] = len(protos)
-    sample = _pool_sample(len(pool), seed)
-    summary["separation_auroc"] = _rounded(separation(np.asarray(tgt.features), np.asarray(res.features[sample])))
 
     t0 = time.perf_counter()
-    score = combine(aff, res.quality, quality_weight, quality)
     rank, selected = select(ids, score, data_frac, features=res.features, dedup_threshold=dedup_threshold, index=index)
     summary["timings"]["select_s"] = round(time.perf_counter() - t0, 3)
     summary["counts"]["selected"] = int(selected.sum())
     summary["index"] = {"prototypes": "flat-ip (exact)", "dedup": index if dedup_threshold is not None else None,
                         "gpu": faiss.get_num_gpus() > 0}
-    summary["quality_weight"] = quality_weight if quality == "nll" else None
+    summary["quality_weight"] = quality_weight if quality in QUALITY_WEIGHT else None
     if quality == "ifd":
-        summary["ifd_filtered"] = int(ifd_broken(res.quality).sum())
+        summary["ifd_filtered"] = int(ifd_broken(qual).sum())
     summary["dedup_threshold"] = dedup_threshold
-    return MineResult(ids, aff, res.quality, score, rank, selected, summary)
+    return MineResult(ids, aff, qual, score, rank, selected, summary)
 
 
 def _choose_heads(model, geom: AttentionGeometry, pool: list[Tokenized], target: list[Tokenized],

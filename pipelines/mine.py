@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,9 @@ class MineConfig:
     data_frac: float = 0.1
     mining_heads: str = "alps"
     mining_max_layer: int | None = None
-    quality: str = "nll"  # the mining benchmark: ALPS-head precision 0.90 and 8% swapped answers, vs 0.84 and 13% without
-    quality_weight: float = 0.5
+    quality: str = "reducible"  # see docs/BENCHMARKS.md#selection
+    quality_weight: float | None = None  # None: p2d.mining.QUALITY_WEIGHT for the quality signal
+    task_model: str | None = None  # quality "reducible": the proxy fine-tune (default: heads.json's task_model)
     selector: str = "p2d"
     pooling: str = "mean"
     dedup: float | None = None
@@ -43,13 +45,40 @@ class MineConfig:
     def validate(self) -> None:
         from p2d.mining import n_selected
 
+        from p2d.mining import QUALITIES, SELECTORS
+
         n_selected(self.data_frac, 1)
+        if self.selector not in SELECTORS:
+            raise P2DError(f"--selector must be one of {', '.join(SELECTORS)}, got {self.selector!r}")
+        if self.quality not in QUALITIES:
+            raise P2DError(f"--quality must be one of {', '.join(QUALITIES)}, got {self.quality!r}")
+        if self.quality_weight is not None and not math.isfinite(self.quality_weight):
+            raise P2DError(f"--quality-weight must be a finite number, got {self.quality_weight}")
         if self.selector == "p2d" and self.mining_heads == "alps" and not self.heads:
             raise P2DError("--mining-heads alps needs --heads heads.json (from `p2d localize`)")
         if self.heads and not Path(self.heads).is_file():
             raise P2DError(f"--heads: file not found: {self.heads}")
-        if not (self.target or self.domain):
+        if self.needs_task_model() and not self.task_model_path():
+            raise P2DError("--quality reducible needs the proxy task model: pass --task-model, or --heads with a "
+                           "heads.json whose task_model exists (or choose another --quality)")
+        if not (self.target or self.domain) and self.selector != "ifd":
             raise P2DError("mining needs a target: pass --target FILE or --domain (its data card's seed set)")
+
+
+    def needs_task_model(self) -> bool:
+        return self.quality == "reducible" and self.selector in ("p2d", "embedding-mid", "embedding-last")
+
+    def task_model_path(self) -> str | None:
+        """--task-model, else the task model heads.json was scored against, if it still exists here."""
+        if self.task_model:
+            return self.task_model
+        if self.heads and Path(self.heads).is_file():
+            from p2d.io import read_json
+
+            task = read_json(self.heads).get("task_model")
+            if task and Path(task).exists():
+                return str(task)
+        return None
 
 
 def target_source(cfg: MineConfig) -> str:
@@ -73,21 +102,24 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
     heads = read_heads_json(cfg.heads, geom).heads if cfg.heads else None  # wrong model: fails before any work
     start = time.perf_counter()
     pool = load_examples(cfg.data, fields=cfg.fields)
-    tsource = target_source(cfg)
-    target = load_examples(tsource, domain=cfg.domain)
+    tsource = target_source(cfg) if (cfg.target or cfg.domain) else None
+    target = load_examples(tsource, domain=cfg.domain) if tsource else []
     model, tok = load_model(cfg.model)
+    task_model = load_model(cfg.task_model_path())[0] if cfg.needs_task_model() else None
     load_s = time.perf_counter() - start
     console.print(f"[bold]mine[/] {len(pool)} pool samples from {cfg.data}, target {len(target)} from {tsource}, "
                   f"selector {cfg.selector}" + (f", heads {cfg.mining_heads}" if cfg.selector == "p2d" else ""))
     result = mine(model, tokenize(pool, tok, cfg.max_length), tokenize(target, tok, cfg.max_length),
                   data_frac=cfg.data_frac, selector=cfg.selector, heads=heads, head_set=cfg.mining_heads,
                   n_heads=None if heads else max(1, round(0.1 * geom.total_heads)), pooling=cfg.pooling,
-                  quality=cfg.quality, quality_weight=cfg.quality_weight, tokenizer=tok, max_layer=cfg.mining_max_layer,
+                  quality=cfg.quality, quality_weight=cfg.quality_weight, tokenizer=tok, task_model=task_model,
+                  max_layer=cfg.mining_max_layer,
                   dedup_threshold=cfg.dedup, index=cfg.index, seed=cfg.seed, batch_size=cfg.batch_size,
                   store_dir=out_dir / "store", model_id=resolve_model(cfg.model), progress=progress)
     start = time.perf_counter()
     paths = export_subset(out_dir, pool, result, source_format=Path(cfg.data).suffix, parquet=cfg.parquet)
     summary = {"model": cfg.model, "pool": cfg.data, "target": tsource, "heads_file": cfg.heads,
+               "task_model": cfg.task_model_path() if cfg.needs_task_model() else None,
                "mining_heads": cfg.mining_heads if cfg.selector == "p2d" else None, **result.summary,
                "outputs": {k: str(v) for k, v in paths.items()}}
     summary["timings"] = {"load_s": round(load_s, 3), **summary.get("timings", {}),

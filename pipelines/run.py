@@ -22,7 +22,7 @@ from p2d.trainer import TrainConfig
 from p2d.pipelines.localize import LocalizeConfig, make_task_model, score_and_select
 from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool
 from p2d.pipelines.stages import Stage, fingerprint
-from p2d.pipelines.train import TrainRunConfig, train_model
+from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_LR, TrainRunConfig, train_model
 
 console = Console(stderr=True)
 STAGE_ORDER = ("proxy", "localize", "mine", "train", "reference")
@@ -42,12 +42,13 @@ class RunConfig:
     head_method: str = "top"
     mining_heads: str = "alps"
     mining_max_layer: int | None = None
-    quality: str = "nll"
+    quality: str = MineConfig.quality
     selector: str = "p2d"
     scope: str = "heads"
     mine_max_length: int = 128
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_length=256))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=DEFAULT_LR["heads"], epochs=DEFAULT_EPOCHS,
+                                                                   max_length=256))
     reference_steps: int = 4
     measure_reference: bool = False
     evaluate: bool = False
@@ -59,8 +60,9 @@ class RunConfig:
                               proxy_data=self.proxy_data, proxy=self.proxy, head_frac=self.head_frac,
                               metric=self.metric, method=self.head_method, seed=self.seed)
 
-    def mine_config(self, heads: str) -> MineConfig:
+    def mine_config(self, heads: str, task_model: str | None = None) -> MineConfig:
         return MineConfig(heads=heads, data=self.pool, model=self.model, target=self.target, domain=self.domain,
+                          task_model=task_model,
                           data_frac=self.data_frac, mining_heads=self.mining_heads,
                           mining_max_layer=self.mining_max_layer, quality=self.quality,
                           selector=self.selector, max_length=self.mine_max_length, seed=self.seed)
@@ -124,7 +126,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     proxy = run_stage("proxy", lambda d: {"task_model": make_task_model(cfg.localize_config(), d.parent, progress)})
     loc = run_stage("localize", lambda d: {"heads": str(score_and_select(cfg.localize_config(), proxy["task_model"], d))})
     heads = loc["heads"]
-    mined = run_stage("mine", lambda d: mine_pool(cfg.mine_config(heads), d, progress))
+    mined = run_stage("mine", lambda d: mine_pool(cfg.mine_config(heads, proxy["task_model"]), d, progress))
     subset = mined["outputs"]["selected.jsonl"]
     trained = run_stage("train", lambda d: train_model(
         TrainRunConfig(data=subset, model=cfg.model, heads=heads, scope=cfg.scope, train=cfg.train), d, progress))

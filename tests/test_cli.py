@@ -125,6 +125,33 @@ def test_mine_exports_pool_rows_unchanged(mined, small_pool):
     assert {"extract_s", "index_s", "select_s"} <= set(summary["timings"])
 
 
+@pytest.mark.parametrize("selector", ["p2d", "p2d-paper", "rds", "ifd", "random"])
+def test_mine_every_selector(tiny_model, small_pool, localized, tmp_path, selector):
+    p2d("mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool, "--domain", "code",
+        "--data-frac", 0.25, "--selector", selector, "--out", tmp_path)
+    summary = json.loads((tmp_path / "mine.json").read_text())
+    assert summary["selector"] == selector and summary["counts"]["selected"] == 12
+    assert len((tmp_path / "selected.jsonl").read_text().splitlines()) == 12
+    # the default quality signal reads the proxy task model that heads.json names; the baselines fold in none
+    assert summary["quality"] == ("reducible" if selector == "p2d" else "none")
+    assert (summary["task_model"] is not None) == (selector == "p2d")
+
+
+@pytest.mark.parametrize("case", ["unknown selector", "no task model"])
+def test_mine_selector_errors_name_the_option(tiny_model, small_pool, localized, tmp_path, case):
+    heads = localized / "heads.json"
+    args = ["--selector", "less"]
+    if case == "no task model":
+        info = json.loads(heads.read_text())
+        heads = tmp_path / "heads.json"
+        heads.write_text(json.dumps(info | {"task_model": str(tmp_path / "gone")}))
+        args = ["--quality", "reducible"]
+    r = p2d("mine", "--model", tiny_model, "--heads", heads, "--data", small_pool, "--domain", "code",
+            *args, "--out", tmp_path / "m", ok=False)
+    assert r.exit_code == 2 and ("--selector" if case == "unknown selector" else "--task-model") in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "m").exists()
+
+
 def test_mine_rejects_heads_of_another_model(tiny_model, small_pool, tmp_path):
     other = save_tiny(tmp_path / "other", num_hidden_layers=2)
     p2d("localize", "--model", other, "--task-model", other, "--out", tmp_path / "loc")

@@ -1,0 +1,144 @@
+"""Every `p2d mine --selector` on a planted signal with a tiny model, and the reducible-loss quality signal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_model
+from p2d import P2DError
+from p2d.mining import SHORTLIST, combine, ifd_score, mine, shortlist
+from p2d.tokens import IGNORE, Tokenized
+
+VOCAB = 256
+
+
+def sample(id_: str, prompt: list[int], response: list[int]) -> Tokenized:
+    return Tokenized(id_, prompt + response, [IGNORE] * len(prompt) + response)
+
+
+def planted(n_in: int, n_out: int, seed: int = 0) -> tuple[list[Tokenized], np.ndarray]:
+    """A shuffled pool: `n_in` rows drawn from tokens 3-6 (the planted domain), the rest from 40-255."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_in + n_out):
+        lo, hi = (3, 7) if i < n_in else (40, VOCAB)
+        ids = rng.integers(lo, hi, int(rng.integers(12, 20))).tolist()
+        rows.append(sample(f"r{i:03d}", ids[:4], ids[4:]))
+    perm = rng.permutation(len(rows))
+    return [rows[i] for i in perm], perm < n_in
+
+
+@pytest.mark.parametrize("selector", ["p2d", "p2d-paper", "rds", "embedding-last"])
+def test_affinity_selectors_find_the_planted_domain(selector):
+    model = random_model(VOCAB)
+    pool, is_in = planted(12, 36)
+    target, _ = planted(8, 0, seed=5)
+    res = mine(model, pool, target, data_frac=0.25, selector=selector,
+               heads=[(0, 0), (0, 3), (1, 2), (2, 5), (3, 0), (3, 7)], quality="none", progress=False)
+    assert res.selected.sum() == 12
+    assert (res.selected == is_in).all()
+
+
+def test_p2d_paper_is_p2d_without_quality():
+    model = random_model(VOCAB)
+    pool, _ = planted(12, 36)
+    target, _ = planted(8, 0, seed=5)
+    kw = dict(data_frac=0.25, heads=[(1, 2), (3, 0)], progress=False)
+    paper = mine(model, pool, target, selector="p2d-paper", quality="nll", **kw)
+    plain = mine(model, pool, target, selector="p2d", quality="none", **kw)
+    assert paper.quality is None and (paper.rank == plain.rank).all()
+
+
+def test_rds_pools_every_token_weighted_by_position():
+    from p2d.features import _pool
+
+    x = torch.tensor([[[1.0], [2.0], [4.0], [8.0]]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    weight = torch.tensor([[0, 0, 1, 0]])  # the response: ignored by the weighted pooling, which reads everything
+    pooled = _pool(x, weight, mask, "weighted")
+    assert pooled.item() == pytest.approx((1 * 1 + 2 * 2 + 3 * 4) / 6)
+
+
+def test_ifd_keeps_the_hardest_pairs_that_the_instruction_helps():
+    ifd = np.array([0.3, 1.4, 0.9, np.nan, 0.6])
+    assert list(np.argsort(-ifd_score(ifd), kind="stable")) == [2, 4, 0, 1, 3]
+    model = random_model(VOCAB)
+    pool, _ = planted(6, 14)
+
+    class Tok:
+        bos_token_id, eos_token_id = 1, 0
+
+    res = mine(model, pool, [], data_frac=0.25, selector="ifd", tokenizer=Tok(), progress=False)
+    kept = res.quality[res.selected]
+    assert res.selected.sum() == 5 and (kept < 1).all()
+    assert kept.min() >= res.quality[~res.selected & (res.quality < 1)].max()
+
+
+def copy_task(n: int, swapped: int, seed: int = 0) -> list[Tokenized]:
+    """Response = f(last prompt token) repeated; the last `swapped` rows carry another row's response."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        prompt = [int(rng.integers(3, 40)), 3 + i % 12, 3 + i % 12]  # 12 instructions, one noisy token
+        rows.append((prompt, [prompt[-1] * 7 + 100] * 3))
+    for j in range(n - swapped, n):
+        donor = n - swapped + (j - (n - swapped) + 1) % swapped
+        rows[j] = (rows[j][0], rows[donor][1])
+    return [sample(f"c{i:03d}", p, r) for i, (p, r) in enumerate(rows)]
+
+
+def trained_copy(base, data: list[Tokenized], steps: int = 150):
+    """A task model: `base` fine-tuned on clean rows of the copy task (the proxy run's role)."""
+    import copy
+
+    from p2d.tokens import collate
+
+    model = copy.deepcopy(base).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = collate(data, pad_id=0)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_reducible_loss_ranks_swapped_answers_last():
+    base = random_model(VOCAB)
+    task = trained_copy(base, copy_task(48, 0, seed=9))
+    pool = copy_task(30, 6)
+    target = copy_task(8, 0, seed=3)
+    res = mine(base, pool, target, data_frac=0.34, heads=[(1, 2), (3, 0)], quality="reducible", task_model=task,
+               quality_weight=100.0, progress=False)
+    assert res.summary["shortlist"] == 30  # 3 x 11 >= 30: every row is read by the task model
+    swapped = np.arange(30) >= 24
+    assert (res.rank[swapped] > 24).all()  # the six swapped rows take the last six ranks
+    default = mine(base, pool, target, data_frac=0.34, heads=[(1, 2), (3, 0)], quality="reducible", task_model=task,
+                   progress=False)
+    assert not default.selected[swapped].any()
+
+
+def test_reducible_reads_only_the_affinity_shortlist():
+    aff = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.3])
+    listed = shortlist(aff, 1)
+    assert SHORTLIST == 3 and listed.tolist() == [0, 2, 4]
+    red = np.full(6, np.nan)
+    red[listed] = [0.1, 0.5, 0.3]
+    score = combine(aff, red, 1.0, "reducible")
+    assert list(np.argsort(-score)) == [2, 0, 4, 5, 3, 1]  # the shortlist by both signals, then the rest by affinity
+
+
+def test_reducible_without_a_task_model_is_a_clear_error():
+    model = random_model(VOCAB)
+    pool, _ = planted(4, 4)
+    with pytest.raises(P2DError, match="--task-model"):
+        mine(model, pool, pool, data_frac=0.5, heads=[(0, 0)], quality="reducible", progress=False)
+    with pytest.raises(P2DError, match="unknown selector"):
+        mine(model, pool, pool, data_frac=0.5, heads=[(0, 0)], selector="less", progress=False)
+    with pytest.raises(P2DError, match="quality-weight"):
+        mine(model, pool, pool, data_frac=0.5, heads=[(0, 0)], quality="nll", quality_weight=float("nan"),
+             progress=False)
