@@ -17,6 +17,12 @@ from p2d.trainer import TrainConfig
 console = Console(stderr=True)
 HEAD_SCOPES = ("heads", "alps", "random", "lc")
 SCOPES = (*HEAD_SCOPES, "full", "no-attn", "lora", "qkv")
+# Defaults that the selection benchmark trains with (docs/BENCHMARKS.md#selection): scopes with few
+# trainable parameters take a 20x larger peak lr than those that train whole matrices, and one epoch
+# (30 steps on 120 rows) was too short for the choice of data to show in held-out loss.
+DEFAULT_LR = {"heads": 1e-3, "random": 1e-3, "lc": 1e-3, "lora": 1e-3,
+              "alps": 5e-5, "full": 5e-5, "no-attn": 5e-5, "qkv": 5e-5}
+DEFAULT_EPOCHS = 2
 
 
 @dataclass
