@@ -34,7 +34,7 @@ from pools import build_mixed_pool  # noqa: E402
 
 from p2d import P2DError  # noqa: E402
 from p2d.data import to_examples  # noqa: E402
-from p2d.features import _response_only, extract_features, nll_pass  # noqa: E402
+from p2d.features import extract_features, nll_pass, response_only  # noqa: E402
 from p2d.geometry import AttentionGeometry  # noqa: E402
 from p2d.io import save_npy  # noqa: E402
 from p2d.mining import (_pool_sample, affinity, combine, head_separations, head_set_separation, mine,  # noqa: E402
@@ -112,7 +112,7 @@ def extract(model, tok, pool: list[Tokenized], target: list[Tokenized], batch_si
     start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     t0 = time.perf_counter()
     with torch.inference_mode():
-        alone, alone_tokens = nll_pass(model, [_response_only(t, start_id) for t in pool], batch_size, 8192)
+        alone, alone_tokens = nll_pass(model, [response_only(t, start_id) for t in pool], batch_size, 8192)
     alone_s = time.perf_counter() - t0
     hidden = extract_features(model, pool + target, kind="hidden", layers=mid_last(geom), **kw)
     nll = heads.quality[:n]

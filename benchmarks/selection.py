@@ -62,8 +62,11 @@ QUICK_POOL = dict(codealpaca=10, stdlib=4, gsm8k=10, generated=4, general=8, cor
 IN_DOMAIN = {"code": ("codealpaca", "stdlib"), "math": ("gsm8k", "generated")}
 SELECTIONS = ("p2d", "p2d-paper", "rds", "ifd", "random", "random-tok")
 SEEDED = {"p2d", "random"}  # the others: seed 0 only (CPU time)
-DEFAULT_CELLS = ["p2d/heads", "random/heads", "rds/heads", "p2d-paper/heads", "ifd/heads", "random-tok/heads",
-                 "p2d/full", "random/full"]
+DEFAULT_CELLS = ["p2d/heads", "random/heads", "rds/heads", "p2d-paper/heads", "random-tok/heads", "p2d/full",
+                 "random/full", "ifd/heads"]
+# run order: the core comparison first (every domain, seed by seed), then the checks
+TIER = {"p2d/heads": 0, "random/heads": 0, "rds/heads": 0, "p2d-paper/heads": 1, "random-tok/heads": 1,
+        "p2d/full": 2, "random/full": 2, "ifd/heads": 3}
 TRAIN = dict(batch_size=4, max_length=256, save_every=1000)
 EVAL_MAX_LENGTH = 512
 
@@ -129,21 +132,24 @@ def evaluate_all(model, sets: dict, pad_id: int) -> dict[str, float]:
 
 
 def mine_selections(domain: str, model, tok, pool: list[Example], target: list[Example], heads_path: Path,
-                    frac: float, store: Path) -> dict[str, dict]:
+                    frac: float, store: Path, todo: set[str]) -> dict[str, dict]:
     """Every selection of one domain with p2d.mining.mine at `p2d mine`'s defaults: name -> {ids, seconds}."""
     cfg = MineConfig(heads=str(heads_path), domain=domain)
     heads = read_heads_json(heads_path).heads
-    task_model = load_model(cfg.task_model_path())[0]
+    task_model = load_model(cfg.task_model_path())[0] if cfg.needs_task_model() else None
     pool_t, target_t = tokenize(pool, tok, cfg.max_length), tokenize(target, tok, cfg.max_length)
     kw = dict(data_frac=frac, tokenizer=tok, batch_size=cfg.batch_size, progress=False)
     out = {}
-    t0 = time.perf_counter()
-    res = mine(model, pool_t, target_t, selector="p2d", heads=heads, quality=cfg.quality, task_model=task_model, **kw)
-    out["p2d"] = {"ids": _ids(res.ids, res.selected), "seconds": time.perf_counter() - t0, "summary": res.summary}
-    # p2d-paper is mine(selector="p2d-paper"): the same head features and prototypes, ranked by affinity alone
-    _, sel = select(res.ids, combine(res.affinity, None, 0.0), frac)
-    out["p2d-paper"] = {"ids": _ids(res.ids, sel), "seconds": res.summary["timings"]["extract_s"]}
-    for name in ("rds", "ifd"):  # rds/ifd pool features are the same for every domain: one shared store
+    if "p2d" in todo:
+        t0 = time.perf_counter()
+        res = mine(model, pool_t, target_t, selector="p2d", heads=heads, quality=cfg.quality, task_model=task_model,
+                   **kw)
+        out["p2d"] = {"ids": _ids(res.ids, res.selected), "seconds": time.perf_counter() - t0,
+                      "summary": res.summary, "quality": cfg.quality}
+    if "p2d-paper" in todo:  # mine(selector="p2d-paper"): the same head features and prototypes, affinity alone
+        _, sel = select(res.ids, combine(res.affinity, None, 0.0), frac)
+        out["p2d-paper"] = {"ids": _ids(res.ids, sel), "seconds": res.summary["timings"]["extract_s"]}
+    for name in [n for n in ("rds", "ifd") if n in todo]:  # rds/ifd pool features are the same for every domain
         t0 = time.perf_counter()
         r = mine(model, pool_t, target_t, selector=name, store_dir=store / name, **kw)
         out[name] = {"ids": _ids(r.ids, r.selected), "seconds": time.perf_counter() - t0}
@@ -295,10 +301,11 @@ def main() -> None:
     count = math.ceil(args.data_frac * len(pool))
     store = Path(tempfile.gettempdir()) / f"p2d-selection-store-{'quick' if args.quick else 'full'}"
     for d in args.domains:
-        if f"{d}/p2d" not in res["selections"]:
-            print(f"mining {d}", flush=True)
+        todo = {k for k in ("p2d", "p2d-paper", "rds", "ifd") if f"{d}/{k}" not in res["selections"]}
+        if todo:
+            print(f"mining {d}: {', '.join(sorted(todo))}", flush=True)
             mined = mine_selections(d, model, tok, pool, to_examples(targets[d], f"{d}-target"), heads_paths[d],
-                                    args.data_frac, store)
+                                    args.data_frac, store, todo | ({"p2d"} if "p2d-paper" in todo else set()))
             res["selections"] |= {f"{d}/{k}": v for k, v in mined.items()}
             write_json(args.results, res)
         ids = [e.id for e in pool]
@@ -318,7 +325,7 @@ def main() -> None:
             sel, scope = cell.split("/")
             seeds = args.seeds if sel in SEEDED and scope == "heads" else [0]
             todo += [(d, sel, scope, s) for s in seeds if f"{d}/{sel}/{scope}/s{s}" not in res["cells"]]
-    todo.sort(key=lambda c: (c[0] != args.domains[0], c[2] == "full", c[3], SELECTIONS.index(c[1])))
+    todo.sort(key=lambda c: (TIER.get(f"{c[1]}/{c[2]}", 4), c[3], args.domains.index(c[0]), SELECTIONS.index(c[1])))
     if todo and command() not in res.setdefault("commands", []):
         res["commands"].append(command())
     for n, (d, sel, scope, s) in enumerate(todo, 1):

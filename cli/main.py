@@ -89,9 +89,10 @@ def mine_options(f):
                      help="Heads whose outputs mine: ALPS (heads.json), random, or those that best separate target from pool."),
         click.option("--mining-max-layer", type=int, default=None,
                      help="Random/discriminative heads only from layers 0..N: extraction stops after layer N."),
-        click.option("--quality", type=click.Choice(["none", "nll", "ifd", "reducible"]), default="reducible",
-                     help="Quality signal folded into p2d's rank: reducible (base minus proxy task-model response "
-                          "loss on an affinity shortlist), nll (base loss), ifd (filter), or none."),
+        click.option("--quality", type=click.Choice(["none", "nll", "ifd", "ifd-rank", "reducible"]), default="ifd-rank",
+                     help="Quality signal folded into p2d's rank: ifd-rank (IFD within an affinity shortlist), nll "
+                          "(base response loss), ifd (drop IFD >= 1), reducible (base minus proxy task-model loss on "
+                          "the shortlist; needs the task model), or none."),
         click.option("--selector", type=click.Choice(["p2d", "p2d-paper", "rds", "ifd", "random", "embedding-mid",
                                                       "embedding-last"]), default="p2d",
                      help="p2d (head affinity + quality), or a baseline: p2d-paper (head affinity alone), rds "
@@ -110,7 +111,7 @@ def mine_options(f):
 @click.option("--pooling", type=click.Choice(["mean", "last", "mean-all", "max", "weighted"]), default="mean",
               help="How head features are pooled over a sample (rds always uses weighted).")
 @click.option("--quality-weight", default=None, type=float,
-              help="Weight of the quality rank against affinity (default: 0.5 for nll, 1.0 for reducible).")
+              help="Weight of the quality rank against affinity (default: 0.5 for nll, 1.0 for ifd-rank and reducible).")
 @click.option("--task-model", default=None,
               help="Proxy task model for --quality reducible (default: the task_model recorded in heads.json).")
 @click.option("--dedup", default=None, type=float, help="Drop samples whose cosine to a kept one is >= this.")

@@ -110,7 +110,12 @@ def _response_nll(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int 
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
 
 
-def _response_only(t: Tokenized, start_id: int) -> Tokenized:
+def start_token(tokenizer) -> int:
+    """The token a response-only sequence starts with: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def response_only(t: Tokenized, start_id: int) -> Tokenized:
     """The response with one start token in front and nothing else, for IFD's unconditioned loss."""
     resp = [tok for tok in t.labels if tok != IGNORE]
     return Tokenized(t.id, [start_id] + resp, [IGNORE] + resp)
@@ -275,7 +280,7 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
     if quality == "ifd":
         if tokenizer is None:
             raise P2DError("quality 'ifd' needs the tokenizer (for the start token of the response-only pass)")
-        start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        start_id = start_token(tokenizer)
 
     batches = length_batches([len(t) for t in tokenized], batch_size, max_tokens)
     shards = _shards(batches, shard_samples)  # fixed before any work, so a rerun finds the same shards
@@ -310,7 +315,7 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
                 feats = torch.cat(feats_t).cpu().numpy().astype(np.float32)
                 qual = torch.cat(qual_t).double().cpu() if quality != "none" else None
                 if quality == "ifd":
-                    alone, n = nll_pass(model, [_response_only(tokenized[i], start_id) for i in order],
+                    alone, n = nll_pass(model, [response_only(tokenized[i], start_id) for i in order],
                                          batch_size, max_tokens)
                     n_tokens += n
                     qual = qual / alone

@@ -29,7 +29,7 @@ class MineConfig:
     data_frac: float = 0.1
     mining_heads: str = "alps"
     mining_max_layer: int | None = None
-    quality: str = "reducible"  # see docs/BENCHMARKS.md#selection
+    quality: str = "ifd-rank"  # see docs/BENCHMARKS.md#selection
     quality_weight: float | None = None  # None: p2d.mining.QUALITY_WEIGHT for the quality signal
     task_model: str | None = None  # quality "reducible": the proxy fine-tune (default: heads.json's task_model)
     selector: str = "p2d"

@@ -132,9 +132,11 @@ def test_mine_every_selector(tiny_model, small_pool, localized, tmp_path, select
     summary = json.loads((tmp_path / "mine.json").read_text())
     assert summary["selector"] == selector and summary["counts"]["selected"] == 12
     assert len((tmp_path / "selected.jsonl").read_text().splitlines()) == 12
-    # the default quality signal reads the proxy task model that heads.json names; the baselines fold in none
-    assert summary["quality"] == ("reducible" if selector == "p2d" else "none")
-    assert (summary["task_model"] is not None) == (selector == "p2d")
+    # p2d folds in its default quality signal (the base model's IFD on the affinity shortlist); baselines none
+    assert summary["quality"] == ("ifd-rank" if selector == "p2d" else "none")
+    assert summary["task_model"] is None
+    if selector == "p2d":
+        assert summary["shortlist"] == 36 and summary["quality_weight"] == 1.0
 
 
 @pytest.mark.parametrize("case", ["unknown selector", "no task model"])

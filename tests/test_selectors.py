@@ -66,10 +66,6 @@ def test_ifd_keeps_the_hardest_pairs_that_the_instruction_helps():
     assert list(np.argsort(-ifd_score(ifd), kind="stable")) == [2, 4, 0, 1, 3]
     model = random_model(VOCAB)
     pool, _ = planted(6, 14)
-
-    class Tok:
-        bos_token_id, eos_token_id = 1, 0
-
     res = mine(model, pool, [], data_frac=0.25, selector="ifd", tokenizer=Tok(), progress=False)
     kept = res.quality[res.selected]
     assert res.selected.sum() == 5 and (kept < 1).all()
@@ -107,6 +103,23 @@ def trained_copy(base, data: list[Tokenized], steps: int = 150):
     return model.eval()
 
 
+class Tok:
+    bos_token_id, eos_token_id = 1, 0
+
+
+def test_ifd_rank_ranks_swapped_answers_last():
+    """The default quality signal: a model that learned the task finds swapped answers unhelped by their instruction."""
+    model = trained_copy(random_model(VOCAB), copy_task(48, 0, seed=9))
+    pool = copy_task(30, 6)
+    target = copy_task(8, 0, seed=3)
+    res = mine(model, pool, target, data_frac=0.34, heads=[(1, 2), (3, 0)], quality="ifd-rank", tokenizer=Tok(),
+               quality_weight=100.0, progress=False)
+    swapped = np.arange(30) >= 24
+    assert res.summary["shortlist"] == 30 and np.isfinite(res.quality).all()
+    assert res.quality[swapped].min() > res.quality[~swapped].max()
+    assert (res.rank[swapped] > 24).all()
+
+
 def test_reducible_loss_ranks_swapped_answers_last():
     base = random_model(VOCAB)
     task = trained_copy(base, copy_task(48, 0, seed=9))
@@ -130,13 +143,17 @@ def test_reducible_reads_only_the_affinity_shortlist():
     red[listed] = [0.1, 0.5, 0.3]
     score = combine(aff, red, 1.0, "reducible")
     assert list(np.argsort(-score)) == [2, 0, 4, 5, 3, 1]  # the shortlist by both signals, then the rest by affinity
+    ifd = combine(aff, red, 2.0, "ifd-rank")  # the same values as IFD: lower is better
+    assert list(np.argsort(-ifd)) == [0, 4, 2, 5, 3, 1]
 
 
-def test_reducible_without_a_task_model_is_a_clear_error():
+def test_shortlisted_signals_without_their_model_are_clear_errors():
     model = random_model(VOCAB)
     pool, _ = planted(4, 4)
     with pytest.raises(P2DError, match="--task-model"):
         mine(model, pool, pool, data_frac=0.5, heads=[(0, 0)], quality="reducible", progress=False)
+    with pytest.raises(P2DError, match="tokenizer"):
+        mine(model, pool, pool, data_frac=0.5, heads=[(0, 0)], quality="ifd-rank", progress=False)
     with pytest.raises(P2DError, match="unknown selector"):
         mine(model, pool, pool, data_frac=0.5, heads=[(0, 0)], selector="less", progress=False)
     with pytest.raises(P2DError, match="quality-weight"):
