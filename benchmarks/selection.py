@@ -127,8 +127,10 @@ def eval_sets(root: Path, held: dict, n: int, tok) -> dict[str, dict]:
             for d, v in sets.items()}
 
 
-def evaluate_all(model, sets: dict, pad_id: int) -> dict[str, float]:
-    return {name: response_nll(model, v["data"], pad_id).mean for d in sets.values() for name, v in d.items()}
+def evaluate_all(model, sets: dict, pad_id: int, domains: list[str] | None = None) -> dict[str, float]:
+    """Response NLL on the held-out sets of `domains` (default: every domain)."""
+    return {name: response_nll(model, v["data"], pad_id).mean for d, s in sets.items() if domains is None or d in domains
+            for name, v in s.items()}
 
 
 def mine_selections(domain: str, model, tok, pool: list[Example], target: list[Example], heads_path: Path,
@@ -176,13 +178,13 @@ def random_ids(pool_ids: list[str], count: int, seed: int, tokens: list[int] | N
 
 
 def run_cell(examples: list[Example], heads: list, scope: str, seed: int, epochs: int, work: Path,
-             sets: dict) -> dict:
+             sets: dict, domain: str) -> dict:
     model, tok = load_model(MODEL)
     info = apply_scope(model, AttentionGeometry.from_config(model.config), scope, heads)
     cfg = TrainConfig(lr=DEFAULT_LR[scope], epochs=epochs, seed=seed, **TRAIN)
     result = train(model, tokenize(examples, tok, cfg.max_length), tok.pad_token_id, cfg, work, progress=False)
     shutil.rmtree(work, ignore_errors=True)
-    return {"nll": evaluate_all(model, sets, tok.pad_token_id), "steps": result.steps, "seconds": result.seconds,
+    return {"nll": evaluate_all(model, sets, tok.pad_token_id, [domain]), "steps": result.steps, "seconds": result.seconds,
             "tokens": result.tokens, "final_loss": result.final_loss, "trainable": info.trainable_params, "lr": cfg.lr}
 
 
@@ -334,7 +336,7 @@ def main() -> None:
         print(f"[{n}/{len(todo)}] {key}", flush=True)
         heads = read_heads_json(heads_paths[d]).heads
         cell = run_cell([by_id[i] for i in res["selections"][sel_key]["ids"]], heads, scope, s, args.epochs,
-                        Path(tempfile.gettempdir()) / "p2d-selection-cell", sets)
+                        Path(tempfile.gettempdir()) / "p2d-selection-cell", sets, d)
         res["cells"][key] = cell
         print("  " + ", ".join(f"{k} {v:.4f}" for k, v in cell["nll"].items()) + f" ({cell['seconds']:.0f} s)",
               flush=True)

@@ -43,11 +43,11 @@ class MineConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from p2d.mining import n_selected
-
-        from p2d.mining import QUALITIES, SELECTORS
+        from p2d.mining import QUALITIES, SELECTORS, n_selected
 
         n_selected(self.data_frac, 1)
+        if self.max_length <= 0 or self.batch_size <= 0:
+            raise P2DError("--max-length and --batch-size must be positive")
         if self.selector not in SELECTORS:
             raise P2DError(f"--selector must be one of {', '.join(SELECTORS)}, got {self.selector!r}")
         if self.quality not in QUALITIES:
@@ -63,7 +63,6 @@ class MineConfig:
                            "heads.json whose task_model exists (or choose another --quality)")
         if not (self.target or self.domain) and self.selector != "ifd":
             raise P2DError("mining needs a target: pass --target FILE or --domain (its data card's seed set)")
-
 
     def needs_task_model(self) -> bool:
         return self.quality == "reducible" and self.selector in ("p2d", "embedding-mid", "embedding-last")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,10 +53,16 @@ def check_train_options(scope: str, t: TrainConfig) -> None:
         raise P2DError(f"--epochs must be positive, got {t.epochs}")
     if t.max_steps is not None and t.max_steps <= 0:
         raise P2DError(f"--max-steps must be positive, got {t.max_steps}")
-    if t.lr <= 0:
-        raise P2DError(f"--lr must be positive, got {t.lr}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise P2DError(f"--lr must be a positive number, got {t.lr}")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        raise P2DError(f"--weight-decay must be a non-negative number, got {t.weight_decay}")
     if t.batch_size <= 0 or t.grad_accum <= 0:
         raise P2DError("--batch-size and --grad-accum must be positive")
+    if t.max_length < 2:
+        raise P2DError(f"--max-length must be at least 2 tokens, got {t.max_length}")
+    if t.save_every <= 0:
+        raise P2DError(f"--save-every must be positive, got {t.save_every}")
 
 
 def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True) -> dict:

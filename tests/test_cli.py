@@ -181,6 +181,16 @@ def test_mine_bad_input(tiny_model, small_pool, localized, tmp_path, case):
     assert not (tmp_path / "m" / "selected.jsonl").exists()
 
 
+@pytest.mark.parametrize("option,value", [("--save-every", "0"), ("--max-length", "0"), ("--lr", "nan"),
+                                          ("--weight-decay", "-1"), ("--epochs", "0")])
+def test_train_rejects_bad_numbers_before_loading(tiny_model, localized, tmp_path, option, value):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    r = p2d("train", "--model", tiny_model, "--heads", localized / "heads.json", "--data", tmp_path / "d.jsonl",
+            option, value, "--out", tmp_path / "o", ok=False)
+    assert r.exit_code == 2 and option in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_merged_checkpoint_loads_without_p2d(tiny_model, localized, mined, tmp_path):
     p2d("train", "--model", tiny_model, "--heads", localized / "heads.json", "--data", mined / "selected.jsonl",
         "--scope", "heads", "--max-steps", 3, "--lr", 1e-2, "--out", tmp_path)
