@@ -210,10 +210,11 @@ def summarize(res: dict) -> tuple[str, dict]:
                 row[s] = f"{x.mean():.4f}" + (f" ± {x.std(ddof=1):.4f}" if len(x) > 1 else "")
             rows.append(row)
         comp = res["composition"][domain]
-        comp_rows = [{"selection": k, **{lab: f"{n / sum(c.values()):.0%}" for lab, n in sorted(c.items())},
-                      "in-domain clean": f"{sum(c.get(l, 0) for l in IN_DOMAIN[domain]) / sum(c.values()):.0%}",
-                      "corrupt": c.get("corrupt", 0)} for k, c in comp.items()]
-        labels = sorted({lab for c in comp.values() for lab in c})
+        order = sorted(comp, key=lambda k: (SELECTIONS.index(k.rsplit("-s", 1)[0] if k.startswith("random") else k), k))
+        comp_rows = [{"selection": k, **{lab: f"{n / sum(comp[k].values()):.0%}" for lab, n in comp[k].items()},
+                      "in-domain clean": f"{sum(comp[k].get(l, 0) for l in IN_DOMAIN[domain]) / sum(comp[k].values()):.0%}",
+                      "corrupted rows": comp[k].get("corrupt", 0)} for k in order]
+        labels = sorted({lab for c in comp.values() for lab in c} - {"corrupt"})
         verdict = _verdicts(groups, sets)
         verdicts[domain] = verdict
         lines += [f"### {domain}", "",
@@ -221,7 +222,7 @@ def summarize(res: dict) -> tuple[str, dict]:
                   table(rows, ["cell", "seeds", "tokens", *sets]), "",
                   "Held-out sets: " + "; ".join(f"`{s}` ({sets[s]})" for s in sets) + ".", "",
                   "Composition of the selected rows:", "",
-                  table(comp_rows, ["selection", *labels, "in-domain clean", "corrupt"]), "",
+                  table(comp_rows, ["selection", *labels, "in-domain clean", "corrupted rows"]), "",
                   *[f"- {v}" for v in verdict], ""]
     return "\n".join(lines), verdicts
 
@@ -245,7 +246,8 @@ def _verdicts(groups: dict, sets: dict) -> list[str]:
                 o = np.mean([v["nll"][s] for v in groups[other]])
                 noise = mine.std(ddof=1) if len(mine) > 1 else 0.0
                 word = "tie" if abs(mine.mean() - o) <= noise else ("better" if mine.mean() < o else "worse")
-                parts.append(f"vs {other.split('/')[0]} {o:.4f}: {word}")
+                seeds = f"{len(mine)} p2d seeds, 1 {other.split('/')[0]} seed" if len(mine) > 1 else "one seed each"
+                parts.append(f"vs {other.split('/')[0]} {o:.4f}: {word} ({seeds}; tie = within p2d's seed std)")
         if "p2d/full" in groups and "random/full" in groups:
             a, b = groups["p2d/full"][0]["nll"][s], np.mean([v["nll"][s] for v in groups["random/full"]])
             parts.append(f"full scope: p2d {a:.4f} vs random {b:.4f} ({'better' if a < b else 'worse'})")
@@ -349,8 +351,13 @@ def main() -> None:
              f"ALPS heads (lr {DEFAULT_LR['heads']:g}; full scope lr {DEFAULT_LR['full']:g}), {args.epochs} epochs, "
              f"batch {TRAIN['batch_size']}, max length {TRAIN['max_length']}. NLL: nats per response token on "
              f"{args.eval_n} rows per held-out set; ± is the std over training seeds (p2d) or selection seeds (random).")
+    made = "\n".join(["The cells were made by these invocations (the command above rendered them):", "",
+                       *[f"- `{c}`" for c in res.get("commands", [])]])
+    not_run = sorted({c for c in DEFAULT_CELLS for d in res["domains"]
+                      if not any(k.startswith(f"{d}/{c}/") for k in res["cells"])})
+    gaps = f"Not run (CPU time): {', '.join(f'`{c}`' for c in not_run)}." if not_run else ""
     emit("selection", "Selection: p2d against random, RDS+ and IFD subsets (SmolLM2-135M, CPU)",
-         intro + "\n\n" + md, {**res, "verdicts": verdicts}, local)
+         "\n\n".join(x for x in (intro, md, gaps, made) if x), {**res, "verdicts": verdicts}, local)
 
 
 if __name__ == "__main__":
