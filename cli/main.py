@@ -89,6 +89,9 @@ def mine_options(f):
                      help="Heads whose outputs mine: ALPS (heads.json), random, or those that best separate target from pool."),
         click.option("--mining-max-layer", type=int, default=None,
                      help="Random/discriminative heads only from layers 0..N: extraction stops after layer N."),
+        click.option("--head-report", is_flag=True,
+                     help="Also measure how well each head set (alps, random, discriminative) separates target from "
+                          "pool: one extra all-heads pass over the target and 256 pool rows."),
         click.option("--quality", type=click.Choice(["none", "nll", "ifd", "ifd-rank", "reducible"]), default="ifd-rank",
                      help="Quality signal folded into p2d's rank: ifd-rank (IFD within an affinity shortlist), nll "
                           "(base response loss), ifd (drop IFD >= 1), reducible (base minus proxy task-model loss on "

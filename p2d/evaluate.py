@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from p2d import P2DError
 from p2d.io import write_json
+from p2d.loss import forward_token_nll, per_row
 from p2d.tokens import IGNORE, Example, Tokenized, collate, length_batches, tokenize
 
 TASKS = ("humaneval", "gsm8k")
@@ -60,16 +60,10 @@ def response_nll(model, tokenized: list[Tokenized], pad_id: int, batch_size: int
     with torch.inference_mode(), _eval_mode(model):
         for idx in tqdm(batches, desc="nll", disable=not progress):
             batch = {k: v.to(device) for k, v in collate([tokenized[i] for i in idx], pad_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            mask = labels != IGNORE
-            # Only labelled positions are upcast: the full [B, T, V] logits in fp32 would dominate memory.
-            nll = F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none")
-            row_sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
-            row_sums.index_add_(0, mask.nonzero()[:, 0], nll.double())
+            row_sums, row_counts = per_row(*forward_token_nll(model, batch), len(idx))
             for j, i in enumerate(idx):
                 sums[i] = row_sums[j].item()
-                counts[i] = int(mask[j].sum())
+                counts[i] = int(row_counts[j].item())
     total = sum(counts)
     if total == 0:
         raise P2DError("NLL: no sample has response tokens (are the responses empty or cut by max_length?)")

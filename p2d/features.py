@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from p2d import P2DError
 from p2d.geometry import AttentionGeometry, decoder_layers, projection
 from p2d.io import atomic_path, read_json, save_npy, write_json
+from p2d.loss import forward_token_nll, row_means, token_nll
 from p2d.tokens import IGNORE, Tokenized, collate, length_batches
 
 POOLINGS = ("mean", "last", "mean-all", "max", "weighted")
@@ -83,31 +84,6 @@ def _normalize_parts(pooled: torch.Tensor, part: int) -> torch.Tensor:
     """L2-normalise each `part`-wide block (one head or one layer); an all-zero block stays zero."""
     b = pooled.shape[0]
     return F.normalize(pooled.view(b, -1, part), dim=-1).view(b, -1)
-
-
-def _response_nll(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """Mean next-token loss over response tokens per sample ([B], NaN if none).
-
-    The LM head runs only on positions whose next token is labelled, in chunks, so the
-    [B, T, vocab] logits tensor is never built.
-    """
-    target = labels[:, 1:]
-    where = (target != IGNORE).nonzero(as_tuple=True)
-    h = hidden[:, :-1][where]
-    y = target[where]
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    losses = []
-    for s in range(0, len(y), chunk):
-        logits = head(h[s: s + chunk]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        losses.append(F.cross_entropy(logits, y[s: s + chunk], reduction="none"))
-    loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
-    b = labels.shape[0]
-    total = torch.zeros(b, device=loss.device).index_add_(0, where[0], loss)
-    count = torch.zeros(b, device=loss.device).index_add_(0, where[0], torch.ones_like(loss))
-    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
 
 
 def start_token(tokenizer) -> int:
@@ -371,7 +347,7 @@ def _forward(model, geom, batch: list[Tokenized], kind: str, units: list, poolin
             out = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
         except _Stop:
             out = None
-        nll = _response_nll(model, out.last_hidden_state, enc["labels"]) if quality != "none" else None
+        nll = row_means(*token_nll(model, out.last_hidden_state, enc["labels"]), len(batch)).float() if quality != "none" else None
         return cap.features(), nll, int(enc["attention_mask"].sum())
 
 
@@ -382,8 +358,6 @@ def nll_pass(model, tokenized: list[Tokenized], batch_size: int, max_tokens: int
     n = 0
     for b in length_batches([len(t) for t in tokenized], batch_size, max_tokens):
         enc = {k: v.to(device) for k, v in collate([tokenized[i] for i in b], pad_id=0).items()}
-        hidden = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                             use_cache=False).last_hidden_state
-        out[b] = _response_nll(model, hidden, enc["labels"]).double().cpu()
+        out[b] = row_means(*forward_token_nll(model, enc), len(b)).cpu()
         n += int(enc["attention_mask"].sum())
     return out, n

@@ -283,7 +283,7 @@ def _usable(tokenized: list[Tokenized]) -> list[Tokenized]:
 def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: float, selector: str = "p2d",
          heads: list[tuple[int, int]] | None = None, head_set: str = "alps", n_heads: int | None = None,
          pooling: str = "mean", quality: str = "none", quality_weight: float | None = None, tokenizer=None,
-         task_model=None, max_layer: int | None = None,
+         task_model=None, max_layer: int | None = None, head_report: bool = False,
          dedup_threshold: float | None = None, index: str = "auto", seed: int = 0, batch_size: int = 16,
          max_tokens: int = 8192, store_dir=None, model_id: str = "", progress: bool = True) -> MineResult:
     """Score and select pool samples for the domain the target samples define.
@@ -292,7 +292,8 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
     or are a `random` or `discriminative` set of the same count (`n_heads` when no ALPS heads are
     given). `quality` applies to "p2d" and the embedding selectors; "reducible" needs `task_model`
     (the proxy fine-tune). The summary reports the separation of target vs a pool sample for the
-    features used and, for p2d, for every head set (alps when given, random, discriminative).
+    features used and, for p2d with `head_report` (always for the random and discriminative head
+    sets, which need its all-heads pass), for every head set.
     """
     if selector not in SELECTORS:
         raise P2DError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
@@ -335,8 +336,10 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
     t0 = time.perf_counter()
     last = geom.num_layers - 1
     if selector in ("p2d", "p2d-paper"):
-        heads, summary["head_sets"] = _choose_heads(model, geom, pool, usable_target, heads, head_set, n_heads, seed,
-                                                    max_layer, dict(kw, pooling=pooling))
+        heads, report = _choose_heads(model, geom, pool, usable_target, heads, head_set, n_heads, seed,
+                                      max_layer, head_report, dict(kw, pooling=pooling))
+        if report:
+            summary["head_sets"] = report
         feat_kw = dict(kind="heads", heads=heads, pooling=pooling)
         summary["heads"] = [list(h) for h in heads]
     elif selector in ("rds", "ifd"):
@@ -405,8 +408,11 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
 
 def _choose_heads(model, geom: AttentionGeometry, pool: list[Tokenized], target: list[Tokenized],
                   alps: list[tuple[int, int]] | None, head_set: str, n_heads: int | None, seed: int,
-                  max_layer: int | None, kw: dict) -> tuple[list[tuple[int, int]], dict]:
-    """The heads to mine with, and every head set's separation (one all-heads pass on target + a pool sample).
+                  max_layer: int | None, report: bool, kw: dict) -> tuple[list[tuple[int, int]], dict | None]:
+    """The heads to mine with, and (when asked, or needed to pick them) every head set's separation.
+
+    The separation report costs an all-heads pass over the target and a pool sample; ALPS heads
+    without the report skip it, since it changes nothing in the selection.
 
     `max_layer` limits the random and discriminative sets to layers 0..max_layer, so extraction
     stops after that layer: mining then costs about (max_layer + 1) / num_layers of a forward pass.
@@ -424,6 +430,8 @@ def _choose_heads(model, geom: AttentionGeometry, pool: list[Tokenized], target:
         raise P2DError(f"{count} heads do not fit in layers 0..{layers - 1} ({layers * geom.num_heads} heads)")
     if head_set == "alps" and max(l for l, _ in alps) >= layers:
         raise P2DError(f"the ALPS heads reach layer {max(l for l, _ in alps)}, beyond the mining max layer {max_layer}")
+    if head_set == "alps" and not report:
+        return alps, None
     shallow = replace(geom, num_layers=layers)  # the layers the all-heads pass reads
     sample = [pool[i] for i in _pool_sample(len(pool), seed)]
     everything = [(l, h) for l in range(layers) for h in range(geom.num_heads)]

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from p2d import P2DError
 from p2d.io import replace_dir, write_json
+from p2d.loss import ResponseLoss
 from p2d.masking import adapter_state, save_adapter
 from p2d.models import default_device, default_dtype
 from p2d.tokens import IGNORE, Tokenized, collate, length_batches
@@ -165,15 +165,6 @@ def step_plan(lengths: list[int], config: TrainConfig, epoch: int, world: int = 
     return plan
 
 
-def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled (response) positions, in fp32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
-
-
 def _latest_checkpoint(out_dir: Path) -> Path | None:
     for path in (out_dir / CHECKPOINT, out_dir / f".{CHECKPOINT}.old"):  # .old: killed mid-swap
         if (path / "state.json").is_file():
@@ -218,7 +209,7 @@ class _Run:
             if dtype != torch.float32:  # bf16 forward under autocast, fp32 trainable weights and AdamW state
                 for p in self.params.values():
                     p.data = p.data.float()
-            self.model, self.optimizer, self.scheduler = model, optimizer, schedule(optimizer)
+            self.model, self.optimizer, self.scheduler = ResponseLoss(model), optimizer, schedule(optimizer)
             self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
         else:
             import deepspeed
@@ -227,7 +218,7 @@ class _Run:
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
             self.world, self.rank = dist.get_world_size(), dist.get_rank()
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, model_parameters=list(self.params.values()), optimizer=optimizer,
+                model=ResponseLoss(model), model_parameters=list(self.params.values()), optimizer=optimizer,
                 lr_scheduler=schedule, config=ds_config)
             self.model, self.device = self.engine, self.engine.device
             self.autocast = contextlib.nullcontext()
@@ -258,7 +249,7 @@ class _Run:
             if self.engine is not None:
                 self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
             with self.autocast:
-                loss_sum = response_loss_sum(self.model, batch)
+                loss_sum = self.model(**batch)  # summed over response tokens, fp32
             if self.engine is not None:
                 self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             else:

@@ -29,6 +29,7 @@ class MineConfig:
     data_frac: float = 0.1
     mining_heads: str = "alps"
     mining_max_layer: int | None = None
+    head_report: bool = False  # measure every head set's separation (an extra all-heads pass; always for random/discriminative)
     quality: str = "ifd-rank"  # see docs/BENCHMARKS.md#selection
     quality_weight: float | None = None  # None: p2d.mining.QUALITY_WEIGHT for the quality signal
     task_model: str | None = None  # quality "reducible": the proxy fine-tune (default: heads.json's task_model)
@@ -112,7 +113,7 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
                   data_frac=cfg.data_frac, selector=cfg.selector, heads=heads, head_set=cfg.mining_heads,
                   n_heads=None if heads else max(1, round(0.1 * geom.total_heads)), pooling=cfg.pooling,
                   quality=cfg.quality, quality_weight=cfg.quality_weight, tokenizer=tok, task_model=task_model,
-                  max_layer=cfg.mining_max_layer,
+                  max_layer=cfg.mining_max_layer, head_report=cfg.head_report,
                   dedup_threshold=cfg.dedup, index=cfg.index, seed=cfg.seed, batch_size=cfg.batch_size,
                   store_dir=out_dir / "store", model_id=resolve_model(cfg.model), progress=progress)
     start = time.perf_counter()

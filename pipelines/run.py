@@ -42,6 +42,7 @@ class RunConfig:
     head_method: str = "top"
     mining_heads: str = "alps"
     mining_max_layer: int | None = None
+    head_report: bool = False
     quality: str = MineConfig.quality
     selector: str = "p2d"
     scope: str = "heads"
@@ -64,7 +65,7 @@ class RunConfig:
         return MineConfig(heads=heads, data=self.pool, model=self.model, target=self.target, domain=self.domain,
                           task_model=task_model,
                           data_frac=self.data_frac, mining_heads=self.mining_heads,
-                          mining_max_layer=self.mining_max_layer, quality=self.quality,
+                          mining_max_layer=self.mining_max_layer, head_report=self.head_report, quality=self.quality,
                           selector=self.selector, max_length=self.mine_max_length, seed=self.seed)
 
     def validate(self) -> None:
@@ -85,8 +86,8 @@ def _stage_options(cfg: RunConfig) -> dict[str, dict]:
     return {
         "proxy": {k: d[k] for k in ("domain", "model", "task_model", "proxy_data", "proxy")},
         "localize": {k: d[k] for k in ("head_frac", "metric", "head_method", "seed")},
-        "mine": {k: d[k] for k in ("pool", "target", "data_frac", "mining_heads", "mining_max_layer", "quality", "selector",
-                                   "mine_max_length")},
+        "mine": {k: d[k] for k in ("pool", "target", "data_frac", "mining_heads", "mining_max_layer", "head_report",
+                                   "quality", "selector", "mine_max_length")},
         "train": {k: d[k] for k in ("scope", "train")},
         "reference": {k: d[k] for k in ("pool", "model", "train", "reference_steps", "measure_reference")},
     }

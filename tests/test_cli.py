@@ -105,7 +105,7 @@ def test_localize_rejects_malformed_proxy_data(tiny_model, tmp_path):
 def mined(tiny_model, small_pool, localized, tmp_path_factory):
     out = tmp_path_factory.mktemp("mine")
     p2d("mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool, "--domain", "code",
-        "--data-frac", 0.25, "--out", out)
+        "--data-frac", 0.25, "--head-report", "--out", out)
     return out
 
 

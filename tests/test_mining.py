@@ -115,7 +115,7 @@ def test_mine_end_to_end(selector, head_set):
     model = tiny_model()
     pool, target = samples(20, seed=1), samples(6, seed=2)
     res = mine(model, pool, target, data_frac=0.25, selector=selector, heads=[(1, 2), (3, 5)], head_set=head_set,
-               quality="nll" if selector == "p2d" else "none", progress=False, seed=3)
+               quality="nll" if selector == "p2d" else "none", progress=False, seed=3, head_report=True)
     assert res.selected.sum() == 5 and res.ids == [t.id for t in pool]
     assert sorted(res.rank.tolist()) == list(range(1, 21))
     again = mine(model, pool, target, data_frac=0.25, selector=selector, heads=[(1, 2), (3, 5)], head_set=head_set,
@@ -129,6 +129,23 @@ def test_mine_end_to_end(selector, head_set):
         assert all(0 <= s["head_sets"][k]["separation_auroc"] <= 1 for k in ("alps", "random", "discriminative"))
         assert res.quality is not None and np.isfinite(res.quality).all()
         assert set(s["timings"]) == {"extract_s", "index_s", "select_s"}
+
+
+def test_alps_heads_skip_the_separation_pass_unless_asked():
+    """The all-heads report pass changes nothing in an ALPS selection, so it runs only on request."""
+    from p2d.geometry import decoder_layers
+
+    model = tiny_model()
+    calls = [0]
+    decoder_layers(model)[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    pool, target = samples(40, seed=1), samples(8, seed=2)
+    kw = dict(data_frac=0.25, heads=[(1, 2), (3, 5)], progress=False, batch_size=4)
+    plain = mine(model, pool, target, **kw)
+    plain_calls, calls[0] = calls[0], 0
+    reported = mine(model, pool, target, **kw, head_report=True)
+    assert "head_sets" not in plain.summary and "head_sets" in reported.summary
+    assert calls[0] > plain_calls  # the report's extra forward passes
+    assert (plain.selected == reported.selected).all() and np.array_equal(plain.score, reported.score)
 
 
 def test_discriminative_without_alps_needs_count():

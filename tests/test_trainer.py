@@ -9,9 +9,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from p2d import P2DError
 from p2d.geometry import AttentionGeometry
+from p2d.loss import ResponseLoss
 from p2d.masking import apply_scope
 from p2d.tokens import IGNORE, Tokenized
-from p2d.trainer import TrainConfig, _resolve_deepspeed, _Run, deepspeed_config, lr_factor, response_loss_sum, \
+from p2d.trainer import TrainConfig, _resolve_deepspeed, _Run, deepspeed_config, lr_factor, \
     step_plan, train
 
 HEADS = [(0, 1), (1, 5), (2, 7)]
@@ -49,7 +50,7 @@ def test_loss_covers_only_labelled_tokens():
     labels = torch.full_like(ids, IGNORE)
     labels[0, [4, 7, 9]] = ids[0, [4, 7, 9]]
     with torch.no_grad():
-        got = response_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        got = ResponseLoss(model)(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
         logits = model(ids).logits[0]
         manual = sum(F.cross_entropy(logits[p - 1], ids[0, p]) for p in (4, 7, 9))
     assert torch.allclose(got, manual, atol=1e-5)
