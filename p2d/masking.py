@@ -25,8 +25,9 @@ from p2d.io import atomic_dir, write_json
 # `random` and `lc` are the `heads` scope with another head list (p2d/selection.py chooses it).
 HEAD_ALIASES = ("random", "lc")
 SCOPES = ("heads", "alps", "full", "no-attn", "qkv", "lora") + HEAD_ALIASES
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+# p2d's exact delta format, beside the peft LoRA adapter (adapter_config.json, p2d/peft_adapter.py)
+ADAPTER_WEIGHTS = "p2d_adapter.safetensors"
+ADAPTER_CONFIG = "p2d_adapter.json"
 
 
 class HeadDeltaLinear(nn.Module):
@@ -196,10 +197,15 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, heads_json_path: str | os.PathLike | None = None,
                  base_model: str | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write adapter.safetensors + adapter_config.json (+ heads.json) atomically; returns the directory.
+    """Write the adapter directory atomically; returns it.
 
-    `state` overrides the tensors read from `model` (the trainer passes ZeRO-3-gathered ones).
+    It holds p2d's exact deltas (p2d_adapter.safetensors + p2d_adapter.json, what `load_adapter`
+    and `p2d merge` read), for head and LoRA scopes the same update as a peft LoRA adapter
+    (adapter_config.json + adapter_model.safetensors), and heads.json when given. `state`
+    overrides the tensors read from `model` (the trainer passes ZeRO-3-gathered ones).
     """
+    from p2d.peft_adapter import PEFT_SCOPES, save_peft_adapter
+
     info: ScopeInfo | None = getattr(model, "p2d_scope", None)
     if info is None:
         raise P2DError("save_adapter needs a model prepared by p2d.masking.apply_scope")
@@ -210,8 +216,13 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, heads_json_path: 
               "hidden_size": geom.hidden_size, "model_type": geom.model_type,
               "base_model": base_model or getattr(model.config, "_name_or_path", None),
               "trainable_params": info.trainable_params}
+    state = state if state is not None else adapter_state(model)
     with atomic_dir(out_dir) as tmp:
-        save_file(state if state is not None else adapter_state(model), str(tmp / ADAPTER_WEIGHTS))
+        save_file(state, str(tmp / ADAPTER_WEIGHTS))
+        why_not = save_peft_adapter(model, state, tmp, config["base_model"]) if info.scope in PEFT_SCOPES else \
+            f"scope {info.scope!r} trains whole matrices (use the merged model)"
+        config["peft_adapter"] = None if why_not else "adapter_config.json"
+        config["peft_adapter_missing_because"] = why_not
         write_json(tmp / ADAPTER_CONFIG, config)
         if heads_json_path is not None:
             shutil.copyfile(heads_json_path, tmp / "heads.json")
@@ -223,7 +234,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> ScopeInfo:
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / ADAPTER_CONFIG
     if not cfg_path.is_file():
-        raise P2DError(f"{adapter_dir}: not a p2d adapter (no {ADAPTER_CONFIG})")
+        hint = " (a peft adapter: load it with peft.PeftModel.from_pretrained)" if (adapter_dir / "adapter_config.json").is_file() else ""
+        raise P2DError(f"{adapter_dir}: not a p2d adapter (no {ADAPTER_CONFIG}){hint}")
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     geom = AttentionGeometry.from_config(model.config)
     if cfg["geometry"] != geom.as_dict() or cfg.get("hidden_size", geom.hidden_size) != geom.hidden_size:

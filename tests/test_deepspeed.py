@@ -90,7 +90,7 @@ def test_zero_heads_scope_on_cpu(tmp_path, stage):
     losses = [float(x) for x in (tmp_path / "losses.txt").read_text().split()]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
     assert (tmp_path / "run" / "checkpoint" / "latest").is_file()
-    adapter = load_file(tmp_path / "run" / "adapter" / "adapter.safetensors")
+    adapter = load_file(tmp_path / "run" / "adapter" / "p2d_adapter.safetensors")
     assert all(torch.equal(adapter[n], deltas[n]) for n in deltas)
 
     # same loss and deltas as the single-process loop (loss scaling, accumulation, clipping agree)

@@ -162,13 +162,13 @@ def test_adapter_round_trip(tmp_path, scope):
     quick_train(model, tmp_path / "run")
     (tmp_path / "heads.json").write_text('{"heads": []}')
     save_adapter(model, tmp_path / "adapter", heads_json_path=tmp_path / "heads.json")
-    state = load_file(tmp_path / "adapter" / "adapter.safetensors")
+    state = load_file(tmp_path / "adapter" / "p2d_adapter.safetensors")
     assert (tmp_path / "adapter" / "heads.json").is_file()
     if scope == "heads":
         assert state["model.layers.1.self_attn.q_proj.index"].tolist() == list(range(40, 56))
         assert "model.layers.1.self_attn.o_proj.delta" in state
     # the trainer's own adapter holds the same tensors
-    trainer_state = load_file(tmp_path / "run" / "adapter" / "adapter.safetensors")
+    trainer_state = load_file(tmp_path / "run" / "adapter" / "p2d_adapter.safetensors")
     assert set(trainer_state) == set(state) and all(torch.equal(trainer_state[k], v) for k, v in state.items())
 
     ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
