@@ -62,6 +62,9 @@ HEAD_SETS = ("alps", "random", "discriminative")
 IVF_ABOVE = 200_000
 MAX_PROTOTYPES = 16
 SEPARATION_SAMPLE = 256
+DIVERSITIES = ("none", "facility")
+NEIGHBORS = 32  # facility location's k-nearest-neighbour graph
+DIVERSE_POOL = 2  # facility location picks the subset from the top DIVERSE_POOL x subset-size by score
 
 
 @dataclass
@@ -73,6 +76,7 @@ class MineResult:
     rank: np.ndarray  # 1 = best, by (score desc, id asc)
     selected: np.ndarray  # bool
     summary: dict = field(default_factory=dict)
+    features: np.ndarray | None = None  # [N, dim] pool features the selector used (None for random)
 
 
 def n_selected(data_frac: float, n_pool: int) -> int:
@@ -158,6 +162,56 @@ def shortlist(affinity: np.ndarray, count: int) -> np.ndarray:
 def ifd_score(ifd: np.ndarray) -> np.ndarray:
     """Superfiltering's rank: the highest IFD below 1 first; broken or missing values last."""
     return np.where(ifd_broken(ifd), -1.0, np.nan_to_num(ifd, nan=-1.0))
+
+
+def diversify(ids: list[str], score: np.ndarray, features: np.ndarray, count: int) -> np.ndarray:
+    """Scores whose top `count` are facility location's picks among the DIVERSE_POOL x count best.
+
+    The picks rank first, in greedy order (most coverage first); every other sample keeps its score
+    below them, so scores.csv still ranks the whole pool.
+    """
+    cand = rank_order(ids, score)[: min(len(ids), DIVERSE_POOL * count)]
+    picks = cand[facility_location(np.asarray(features[np.sort(cand)])[np.argsort(np.argsort(cand))], count)]
+    out = np.asarray(score, dtype=np.float64).copy()
+    out[picks] = out.max() + 1.0 + (count - np.arange(len(picks))) / count
+    return out
+
+
+def facility_location(features: np.ndarray, count: int, neighbors: int = NEIGHBORS) -> np.ndarray:
+    """Greedy facility location: `count` rows (greedy order) that best cover all rows by cosine.
+
+    Maximises sum_i max_{j in S} max(0, cos(i, j)) over a k-nearest-neighbour graph (FAISS, k =
+    `neighbors`), with lazy greedy: a candidate's gain can only shrink, so a stale gain that still
+    tops the heap is exact. O(n k log n): a shortlist of 10^5-10^6 rows stays cheap. Ties break by
+    row index, so the result is deterministic.
+    """
+    import heapq
+
+    x = _normalized(features)
+    n = len(x)
+    k = min(n, neighbors + 1)  # the row itself comes back as its own nearest neighbour
+    index = _gpu(faiss.IndexFlatIP(x.shape[1]))
+    index.add(x)
+    sims, nbrs = index.search(x, k)
+    sims = np.maximum(sims, 0.0).astype(np.float64)
+    best = np.zeros(n)
+
+    def gain(j: int) -> float:
+        return float(np.maximum(sims[j] - best[nbrs[j]], 0.0).sum())
+
+    heap = [(-gain(j), j) for j in range(n)]
+    heapq.heapify(heap)
+    chosen: list[int] = []
+    while heap and len(chosen) < count:
+        _, j = heapq.heappop(heap)
+        g = gain(j)
+        if heap and g < -heap[0][0] - 1e-12:
+            heapq.heappush(heap, (-g, j))
+            continue
+        chosen.append(j)
+        valid = nbrs[j] >= 0
+        best[nbrs[j][valid]] = np.maximum(best[nbrs[j][valid]], sims[j][valid])
+    return np.array(chosen, dtype=np.int64)
 
 
 def _pct(x: np.ndarray) -> np.ndarray:
@@ -283,7 +337,7 @@ def _usable(tokenized: list[Tokenized]) -> list[Tokenized]:
 def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: float, selector: str = "p2d",
          heads: list[tuple[int, int]] | None = None, head_set: str = "alps", n_heads: int | None = None,
          pooling: str = "mean", quality: str = "none", quality_weight: float | None = None, tokenizer=None,
-         task_model=None, max_layer: int | None = None, head_report: bool = False,
+         task_model=None, max_layer: int | None = None, head_report: bool = False, diversity: str = "none",
          dedup_threshold: float | None = None, index: str = "auto", seed: int = 0, batch_size: int = 16,
          max_tokens: int = 8192, store_dir=None, model_id: str = "", progress: bool = True) -> MineResult:
     """Score and select pool samples for the domain the target samples define.
@@ -301,6 +355,8 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
         raise P2DError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
     if head_set not in HEAD_SETS:
         raise P2DError(f"unknown head set {head_set!r}; choose one of {', '.join(HEAD_SETS)}")
+    if diversity not in DIVERSITIES:
+        raise P2DError(f"unknown diversity {diversity!r}; choose one of {', '.join(DIVERSITIES)}")
     if index not in ("auto", "flat", "ivf"):
         raise P2DError(f"unknown index {index!r}; choose auto, flat or ivf")
     if not pool:
@@ -391,6 +447,10 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
             qual[listed] = values
             summary["shortlist"] = int(len(listed))
         score = combine(aff, qual, quality_weight, quality)
+        if diversity == "facility":
+            score = diversify(ids, score, res.features, count)
+            summary["diversity"] = {"kind": "facility", "candidates": min(len(pool), DIVERSE_POOL * count),
+                                    "neighbors": NEIGHBORS}
     summary["timings"]["index_s"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
@@ -403,7 +463,7 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
     if quality == "ifd":
         summary["ifd_filtered"] = int(ifd_broken(qual).sum())
     summary["dedup_threshold"] = dedup_threshold
-    return MineResult(ids, aff, qual, score, rank, selected, summary)
+    return MineResult(ids, aff, qual, score, rank, selected, summary, res.features)
 
 
 def _choose_heads(model, geom: AttentionGeometry, pool: list[Tokenized], target: list[Tokenized],

@@ -34,6 +34,7 @@ class MineConfig:
     quality_weight: float | None = None  # None: p2d.mining.QUALITY_WEIGHT for the quality signal
     task_model: str | None = None  # quality "reducible": the proxy fine-tune (default: heads.json's task_model)
     selector: str = "p2d"
+    diversity: str = "none"  # facility: cover the quality-ranked candidates instead of taking their top
     pooling: str = "mean"
     dedup: float | None = None
     index: str = "auto"
@@ -44,13 +45,15 @@ class MineConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from p2d.mining import QUALITIES, SELECTORS, n_selected
+        from p2d.mining import DIVERSITIES, QUALITIES, SELECTORS, n_selected
 
         n_selected(self.data_frac, 1)
         if self.max_length <= 0 or self.batch_size <= 0:
             raise P2DError("--max-length and --batch-size must be positive")
         if self.selector not in SELECTORS:
             raise P2DError(f"--selector must be one of {', '.join(SELECTORS)}, got {self.selector!r}")
+        if self.diversity not in DIVERSITIES:
+            raise P2DError(f"--diversity must be one of {', '.join(DIVERSITIES)}, got {self.diversity!r}")
         if self.quality not in QUALITIES:
             raise P2DError(f"--quality must be one of {', '.join(QUALITIES)}, got {self.quality!r}")
         if self.quality_weight is not None and not math.isfinite(self.quality_weight):
@@ -113,7 +116,7 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
                   data_frac=cfg.data_frac, selector=cfg.selector, heads=heads, head_set=cfg.mining_heads,
                   n_heads=None if heads else max(1, round(0.1 * geom.total_heads)), pooling=cfg.pooling,
                   quality=cfg.quality, quality_weight=cfg.quality_weight, tokenizer=tok, task_model=task_model,
-                  max_layer=cfg.mining_max_layer, head_report=cfg.head_report,
+                  max_layer=cfg.mining_max_layer, head_report=cfg.head_report, diversity=cfg.diversity,
                   dedup_threshold=cfg.dedup, index=cfg.index, seed=cfg.seed, batch_size=cfg.batch_size,
                   store_dir=out_dir / "store", model_id=resolve_model(cfg.model), progress=progress)
     start = time.perf_counter()

@@ -45,6 +45,7 @@ class RunConfig:
     head_report: bool = False
     quality: str = MineConfig.quality
     selector: str = "p2d"
+    diversity: str = MineConfig.diversity
     scope: str = "heads"
     mine_max_length: int = 128
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
@@ -66,6 +67,7 @@ class RunConfig:
                           task_model=task_model,
                           data_frac=self.data_frac, mining_heads=self.mining_heads,
                           mining_max_layer=self.mining_max_layer, head_report=self.head_report, quality=self.quality,
+                          diversity=self.diversity,
                           selector=self.selector, max_length=self.mine_max_length, seed=self.seed)
 
     def validate(self) -> None:
@@ -87,7 +89,7 @@ def _stage_options(cfg: RunConfig) -> dict[str, dict]:
         "proxy": {k: d[k] for k in ("domain", "model", "task_model", "proxy_data", "proxy")},
         "localize": {k: d[k] for k in ("head_frac", "metric", "head_method", "seed")},
         "mine": {k: d[k] for k in ("pool", "target", "data_frac", "mining_heads", "mining_max_layer", "head_report",
-                                   "quality", "selector", "mine_max_length")},
+                                   "quality", "selector", "diversity", "mine_max_length")},
         "train": {k: d[k] for k in ("scope", "train")},
         "reference": {k: d[k] for k in ("pool", "model", "train", "reference_steps", "measure_reference")},
     }

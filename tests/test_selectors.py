@@ -8,7 +8,7 @@ import torch
 
 from conftest import random_model
 from p2d import P2DError
-from p2d.mining import SHORTLIST, combine, ifd_score, mine, shortlist
+from p2d.mining import SHORTLIST, combine, diversify, facility_location, ifd_score, mine, shortlist
 from p2d.tokens import IGNORE, Tokenized
 
 VOCAB = 256
@@ -158,4 +158,40 @@ def test_shortlisted_signals_without_their_model_are_clear_errors():
         mine(model, pool, pool, data_frac=0.5, heads=[(0, 0)], selector="less", progress=False)
     with pytest.raises(P2DError, match="quality-weight"):
         mine(model, pool, pool, data_frac=0.5, heads=[(0, 0)], quality="nll", quality_weight=float("nan"),
+             progress=False)
+
+
+def blobs(sizes: list[int], dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Tight clusters around random orthogonal-ish centres: (features, cluster of each row)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(sizes), dim)) * 5
+    label = np.repeat(np.arange(len(sizes)), sizes)
+    return (centres[label] + rng.normal(size=(len(label), dim)) * 0.1).astype(np.float32), label
+
+
+def test_facility_location_covers_every_cluster():
+    x, label = blobs([30, 5, 5])
+    picks = facility_location(x, 3)
+    assert sorted(label[picks].tolist()) == [0, 1, 2]  # one per cluster, the small ones too
+    assert np.array_equal(picks, facility_location(x, 3))  # deterministic
+    assert len(set(facility_location(x, 12).tolist())) == 12
+
+
+def test_diversity_takes_the_subset_from_more_than_the_top_cluster():
+    """Top-by-score is all cluster 0; `diversify` covers the 2x candidates, which hold cluster 1 too."""
+    x, label = blobs([10, 10, 20], seed=1)
+    score = np.where(label == 0, 2.0, np.where(label == 1, 1.0, 0.0)) + np.linspace(0, 0.01, len(label))
+    ids = [f"r{i:02d}" for i in range(len(label))]
+    top = np.argsort(-score)[:10]
+    assert set(label[top]) == {0}
+    diverse = diversify(ids, score, x, 10)
+    picked = np.argsort(-diverse)[:10]
+    assert set(label[picked]) == {0, 1}  # both candidate clusters, nothing from outside the 2x candidates
+    rest = np.setdiff1d(np.arange(len(label)), picked)
+    assert np.array_equal(np.argsort(-diverse[rest]), np.argsort(-score[rest]))  # the others keep their order
+
+
+def test_unknown_diversity_is_an_error():
+    with pytest.raises(P2DError, match="diversity"):
+        mine(random_model(VOCAB), *planted(2, 2)[:1], planted(2, 0)[0], data_frac=0.5, diversity="dpp",
              progress=False)
