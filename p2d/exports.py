@@ -3,7 +3,9 @@
 selected.jsonl holds each selected sample's record exactly as it was read (every field kept,
 nothing added) in pool order, so it diffs cleanly against the pool and is byte-identical across
 runs. The LLaMA-Factory and Axolotl entries map the pool's own field names, inferred from the
-records' keys, so the file is used as is.
+records' keys, so the file is used as is. trl.jsonl is the same rows in TRL's own formats:
+prompt/completion holding exactly the text p2d trains on (so SFTTrainer's completion-only loss
+matches p2d's response-only loss), or role/content `messages` for conversation pools.
 """
 
 from __future__ import annotations
@@ -87,6 +89,59 @@ def axolotl_dataset(schema: dict, path: str) -> dict:
     return {**base, "type": custom}
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool", "function_call": "assistant", "observation": "tool"}
+
+
+def trl_record(example: Example, schema: dict) -> dict:
+    """One TRL SFTTrainer record: conversational `messages`, or the prompt/completion p2d trains on."""
+    if schema["kind"] == "chat":
+        role, content = schema["role"], schema["content"]
+        messages = [{"role": SHAREGPT_ROLES.get(t[role], t[role]), "content": t[content]}
+                    for t in example.raw[schema["field"]]]
+        if schema["system"] and example.raw.get(schema["system"]):
+            messages.insert(0, {"role": "system", "content": example.raw[schema["system"]]})
+        return {"messages": messages}
+    return {"prompt": example.prompt, "completion": example.response}
+
+
+def _ranges(rows: list[slice]) -> list[tuple[int, int]]:
+    """Sorted, merged [start, stop) ranges."""
+    out: list[list[int]] = []
+    for r in sorted(rows, key=lambda r: r.start):
+        if out and r.start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], r.stop)
+        else:
+            out.append([r.start, r.stop])
+    return [tuple(r) for r in out]
+
+
+def axolotl_unfrozen(model, heads: list[tuple[int, int]]) -> list[str]:
+    """axolotl `unfrozen_parameters` that train the rows p2d's heads scope trains.
+
+    Each selected head's q_proj rows and its KV group's k/v rows (and bias entries), as
+    `^name$[start:stop]` row ranges. axolotl freezes the other rows by zeroing their gradients, so
+    AdamW weight decay would still move them: the config sets weight_decay 0. o_proj columns
+    (`--train-o`) have no row-range form and are not included.
+    """
+    from p2d.geometry import AttentionGeometry, projection
+
+    geom = AttentionGeometry.from_config(model.config)
+    names = {id(m): n for n, m in model.named_modules()}
+    by_layer: dict[int, set[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(int(layer), set()).add(int(head))
+    out = []
+    for layer, hs in sorted(by_layer.items()):
+        q = _ranges([geom.q_rows(h) for h in hs])
+        kv = _ranges([geom.kv_rows(g) for g in {geom.kv_group(h) for h in hs}])
+        for proj, ranges in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            module = projection(model, layer, proj)
+            for param in ("weight", "bias") if module.bias is not None else ("weight",):
+                out += [f"^{names[id(module)]}.{param}$[{a}:{b}]" for a, b in ranges]
+    return out
+
+
 def scores_csv(result) -> str:
     """id, affinity, quality, score, rank, selected for every pool sample, in pool order."""
     def num(x) -> str:
@@ -103,21 +158,29 @@ def scores_csv(result) -> str:
 
 
 def export_subset(out_dir: str | Path, examples: list[Example], result, source_format: str = "",
-                  parquet: bool = False, dataset_name: str = "p2d_selected") -> dict[str, Path]:
-    """Write selected.jsonl, scores.csv, dataset_info.json, axolotl.yaml (and selected.parquet); return their paths."""
+                  parquet: bool = False, dataset_name: str = "p2d_selected", axolotl: dict | None = None) -> dict[str, Path]:
+    """Write selected.jsonl, trl.jsonl, scores.csv, dataset_info.json, axolotl.yaml (and selected.parquet).
+
+    `axolotl`: further top-level keys of axolotl.yaml (base_model, unfrozen_parameters, training
+    settings), so the file is a complete config that trains what p2d would.
+    """
     out = Path(out_dir)
     if [e.id for e in examples] != list(result.ids):
         raise P2DError("export: the examples are not the pool the selection was made on (ids differ)")
-    rows = [e.raw for e, keep in zip(examples, result.selected) if keep]
+    kept = [e for e, keep in zip(examples, result.selected) if keep]
+    rows = [e.raw for e in kept]
     if not rows:
         raise P2DError("export: nothing was selected")
     schema = infer_schema(rows, source_format)
-    paths = {name: out / name for name in ("selected.jsonl", "scores.csv", "dataset_info.json", "axolotl.yaml")}
+    paths = {name: out / name for name in ("selected.jsonl", "trl.jsonl", "scores.csv", "dataset_info.json",
+                                           "axolotl.yaml")}
     write_text(paths["selected.jsonl"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(paths["trl.jsonl"], "".join(json.dumps(trl_record(e, schema), ensure_ascii=False) + "\n" for e in kept))
     write_text(paths["scores.csv"], scores_csv(result))
     write_json(paths["dataset_info.json"], {dataset_name: llamafactory_entry(schema, "selected.jsonl")})
-    axolotl = {"datasets": [axolotl_dataset(schema, str(paths["selected.jsonl"].resolve()))]}
-    write_text(paths["axolotl.yaml"], yaml.safe_dump(axolotl, sort_keys=False, allow_unicode=True))
+    config = {**(axolotl or {}), "datasets": [axolotl_dataset(schema, str(paths["selected.jsonl"].resolve()))]}
+    head = "# axolotl train axolotl.yaml  (written by p2d mine; unfrozen_parameters train the selected heads' rows)\n"
+    write_text(paths["axolotl.yaml"], head + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     if parquet:
         import pyarrow as pa
         import pyarrow.parquet as pq

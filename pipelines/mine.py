@@ -120,7 +120,8 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
                   dedup_threshold=cfg.dedup, index=cfg.index, seed=cfg.seed, batch_size=cfg.batch_size,
                   store_dir=out_dir / "store", model_id=resolve_model(cfg.model), progress=progress)
     start = time.perf_counter()
-    paths = export_subset(out_dir, pool, result, source_format=Path(cfg.data).suffix, parquet=cfg.parquet)
+    paths = export_subset(out_dir, pool, result, source_format=Path(cfg.data).suffix, parquet=cfg.parquet,
+                          axolotl=axolotl_settings(model, heads, resolve_model(cfg.model)))
     summary = {"model": cfg.model, "pool": cfg.data, "target": tsource, "heads_file": cfg.heads,
                "task_model": cfg.task_model_path() if cfg.needs_task_model() else None,
                "mining_heads": cfg.mining_heads if cfg.selector == "p2d" else None, **result.summary,
@@ -130,6 +131,23 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
     write_json(out_dir / "mine.json", summary)
     console.print(mine_table(summary))
     return summary
+
+
+def axolotl_settings(model, heads: list[tuple[int, int]] | None, base_model: str) -> dict:
+    """axolotl.yaml's top-level keys: `p2d train`'s defaults, and with heads the same rows unfrozen."""
+    from p2d.exports import axolotl_unfrozen
+    from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_LR
+    from p2d.trainer import TrainConfig
+
+    t = TrainConfig()
+    out = {"base_model": base_model, "sequence_len": t.max_length, "micro_batch_size": t.batch_size,
+           "gradient_accumulation_steps": t.grad_accum, "num_epochs": DEFAULT_EPOCHS,
+           "learning_rate": DEFAULT_LR["heads" if heads else "full"], "optimizer": "adamw_torch",
+           "lr_scheduler": "cosine", "warmup_ratio": t.warmup_ratio, "max_grad_norm": t.max_grad_norm,
+           "weight_decay": 0.0 if heads else t.weight_decay, "train_on_inputs": False, "output_dir": "./axolotl-out"}
+    if heads:
+        out["unfrozen_parameters"] = axolotl_unfrozen(model, heads)
+    return out
 
 
 def mine_table(summary: dict) -> Table:

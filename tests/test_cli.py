@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from click.testing import CliRunner
 
@@ -123,6 +124,9 @@ def test_mine_exports_pool_rows_unchanged(mined, small_pool):
     assert summary["counts"] == {"pool": 48, "target": summary["counts"]["target"], "selected": 12}
     assert set(summary["head_sets"]) >= {"alps", "random", "discriminative"}
     assert {"extract_s", "index_s", "select_s"} <= set(summary["timings"])
+    axolotl = yaml.safe_load((mined / "axolotl.yaml").read_text())
+    assert axolotl["base_model"] and axolotl["unfrozen_parameters"] and axolotl["weight_decay"] == 0.0
+    assert len((mined / "trl.jsonl").read_text().splitlines()) == len(selected)
 
 
 @pytest.mark.parametrize("selector", ["p2d", "p2d-paper", "rds", "ifd", "random"])

@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -115,3 +116,75 @@ def test_resumed_mining_gives_byte_identical_selection(tmp_path, monkeypatch):
     export_subset(tmp_path / "resumed", ex, resumed, "alpaca")
     for name in ("selected.jsonl", "scores.csv"):
         assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+def trl_one_step(model_dir, data_file, out_dir, chat_template: str | None = None) -> float:
+    """One SFTTrainer step on `data_file` as TRL reads it; returns the logged training loss."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if chat_template:
+        tok.chat_template = chat_template
+    cfg = SFTConfig(output_dir=str(out_dir), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                    use_cpu=True, logging_steps=1, save_strategy="no", max_length=128)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=cfg, processing_class=tok,
+                         train_dataset=load_dataset("json", data_files=str(data_file), split="train"))
+    return trainer.train().training_loss
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_trl_trains_on_the_export(tmp_path, tiny_model):
+    from p2d.data import to_examples
+
+    ex = to_examples(ALPACA, "alpaca")
+    export_subset(tmp_path / "pair", ex, result_for([e.id for e in ex], [True, True, False, True, False]))
+    rows = [json.loads(l) for l in (tmp_path / "pair" / "trl.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows[0] == {"prompt": ex[0].prompt, "completion": ex[0].response}  # the text p2d trains on
+    assert math.isfinite(trl_one_step(tiny_model, tmp_path / "pair" / "trl.jsonl", tmp_path / "trl-pair"))
+
+    sharegpt = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}],
+                 "system": "be brief"} for i in range(4)]
+    ex = to_examples(sharegpt, "sharegpt")
+    export_subset(tmp_path / "chat", ex, result_for([e.id for e in ex], [True] * 4))
+    rows = [json.loads(l) for l in (tmp_path / "chat" / "trl.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows[0] == {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q0"},
+                                    {"role": "assistant", "content": "a0"}]}
+    assert math.isfinite(trl_one_step(tiny_model, tmp_path / "chat" / "trl.jsonl", tmp_path / "trl-chat", CHATML))
+
+
+def test_axolotl_unfrozen_rows_are_the_heads_scope_rows():
+    """Read as axolotl reads them (`^name$[start:stop]`, dots literal), the patterns unfreeze exactly the
+    rows p2d's heads scope trains, in q/k/v weights and biases."""
+    import copy
+    import re
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from p2d.exports import axolotl_unfrozen
+    from p2d.geometry import AttentionGeometry
+    from p2d.masking import HeadDeltaLinear, apply_scope
+
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=8, num_key_value_heads=2, vocab_size=128))
+    heads = [(0, 1), (1, 5), (1, 6), (2, 0), (2, 7)]
+    patterns = axolotl_unfrozen(model, heads)
+    unfrozen: dict[str, set[int]] = {}
+    for p in patterns:
+        base, a, b = re.match(r"^(.+)\[([0-9]+):([0-9]+)\]$", p).groups()
+        regex = re.compile(re.sub(r"\.(?!\+)", r"\\.", base))
+        for name, _ in model.named_parameters():
+            if regex.match(name):
+                unfrozen.setdefault(name, set()).update(range(int(a), int(b)))
+    scoped = copy.deepcopy(model)
+    apply_scope(scoped, AttentionGeometry.from_config(model.config), "heads", heads)
+    want = {}
+    for name, m in scoped.named_modules():
+        if isinstance(m, HeadDeltaLinear):
+            for param in ("weight", "bias"):
+                want[f"{name}.{param}"] = set(m.index.tolist())
+    assert unfrozen == want
