@@ -116,10 +116,10 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
         if stage.is_done() and name not in forced:
             console.print(f"[green]✓ {name}[/] reused from {stage.dir}")
             return stage.state()["summary"]
-        stage.begin(force=name in forced)
+        resume = stage.begin(force=name in forced)
         console.rule(f"[bold]{name}")
         if timed:
-            with ledger.stage(name):
+            with ledger.stage(name, resume=resume):
                 summary = fn(stage.dir)
         else:
             summary = fn(stage.dir)

@@ -44,12 +44,17 @@ class Stage:
         state = self.state()
         return state.get("fingerprint") == self.fingerprint and state.get("done", False)
 
-    def begin(self, force: bool = False) -> None:
-        """Prepare the directory: keep a same-fingerprint partial run (to resume), clear anything else."""
-        if self.dir.exists() and (force or self.state().get("fingerprint") != self.fingerprint):
+    def begin(self, force: bool = False) -> bool:
+        """Prepare the directory: keep a same-fingerprint partial run (to resume), clear anything else.
+
+        Returns whether an earlier attempt is being resumed.
+        """
+        resume = self.dir.exists() and not force and self.state().get("fingerprint") == self.fingerprint
+        if self.dir.exists() and not resume:
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.marker, {"stage": self.name, "fingerprint": self.fingerprint, "done": False})
+        return resume
 
     def finish(self, summary: dict | None = None) -> None:
         write_json(self.marker, {"stage": self.name, "fingerprint": self.fingerprint, "done": True,
