@@ -219,7 +219,8 @@ def train(out: str, **kw) -> None:
               help=SCOPE_HELP)
 @train_options
 @click.option("--measure-reference", is_flag=True, help="Measure full-data full-parameter training in full.")
-@click.option("--reference-steps", default=4, help="Timed steps the reference cost is extrapolated from.")
+@click.option("--reference-steps", default=12,
+              help="Steps of the real full-parameter plan timed for the reference estimate (stratified by size).")
 @click.option("--eval", "evaluate", is_flag=True, help="Evaluate base vs trained on the domain's eval set.")
 @click.option("--eval-limit", default=20, help="Task problems evaluated with --eval (CPU generation is slow).")
 @click.option("--from-stage", type=click.Choice(["proxy", "localize", "mine", "train", "reference"]), default=None,
@@ -232,9 +233,13 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
     from p2d.pipelines.run import RunConfig, run_pipeline
     from p2d.proxy import ProxyConfig
 
+    from p2d.reference import ReferenceConfig
+
     tcfg = train_config(kw)
     proxy = ProxyConfig(samples=kw.pop("proxy_samples"), steps=kw.pop("proxy_steps"), seed=kw["seed"])
-    run_pipeline(RunConfig(train=tcfg, proxy=proxy, **kw), out or f"runs/{kw['domain']}", from_stage)
+    reference = ReferenceConfig(steps=kw.pop("reference_steps"), seed=kw["seed"])
+    run_pipeline(RunConfig(train=tcfg, proxy=proxy, reference=reference, **kw), out or f"runs/{kw['domain']}",
+                 from_stage)
 
 
 @main.command(name="eval")

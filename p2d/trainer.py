@@ -317,6 +317,24 @@ class _Run:
             return adapter_state(self.base)
 
 
+def time_steps(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainConfig,
+               steps: list[list[list[int]]]) -> list[float]:
+    """Seconds of each given optimizer step (micro-batches of `data` indices), run as `train` runs them.
+
+    For cost estimates: the steps come from `step_plan`, so they are the steps a real run takes.
+    The model's trainable parameters are updated; callers time on a throwaway copy.
+    """
+    run = _Run(model, config, max(len(steps), 1))
+    out = []
+    for step in steps:
+        micro = [collate([data[i] for i in mb], pad_id) for mb in step]
+        n_tokens = float(sum((b["labels"][:, 1:] != IGNORE).sum().item() for b in micro))
+        t0 = time.perf_counter()
+        run.step(micro, n_tokens)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainConfig,
           out_dir: str | os.PathLike, progress: bool = True) -> TrainResult:
     """Train the model's trainable parameters on `data`; resumes from out_dir/checkpoint if present.

@@ -7,22 +7,23 @@ and everything after it. Changing a stage's options re-runs that stage and the o
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
 from p2d import P2DError
-from p2d.aer import Ledger, aer_report, aer_table, measure_reference, write_aer
+from p2d.aer import Ledger, aer_report, aer_table, write_aer
 from p2d.io import read_json, write_json, write_text
 from p2d.models import DEFAULT_MODEL
-from p2d.proxy import ProxyConfig
-from p2d.trainer import TrainConfig
 from p2d.pipelines.localize import LocalizeConfig, make_task_model, score_and_select
 from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool
+from p2d.pipelines.reference import ReferenceRunConfig, reference_cost
 from p2d.pipelines.stages import Stage, fingerprint
 from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_LR, TrainRunConfig, train_model
+from p2d.proxy import ProxyConfig
+from p2d.reference import ReferenceConfig
+from p2d.trainer import TrainConfig
 
 console = Console(stderr=True)
 STAGE_ORDER = ("proxy", "localize", "mine", "train", "reference")
@@ -51,7 +52,7 @@ class RunConfig:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=DEFAULT_LR["heads"], epochs=DEFAULT_EPOCHS,
                                                                    max_length=256))
-    reference_steps: int = 4
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     measure_reference: bool = False
     evaluate: bool = False
     eval_limit: int | None = 20
@@ -91,7 +92,7 @@ def _stage_options(cfg: RunConfig) -> dict[str, dict]:
         "mine": {k: d[k] for k in ("pool", "target", "data_frac", "mining_heads", "mining_max_layer", "head_report",
                                    "quality", "selector", "diversity", "mine_max_length")},
         "train": {k: d[k] for k in ("scope", "train")},
-        "reference": {k: d[k] for k in ("pool", "model", "train", "reference_steps", "measure_reference")},
+        "reference": {k: d[k] for k in ("pool", "model", "train", "reference", "measure_reference")},
     }
 
 
@@ -133,7 +134,9 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     subset = mined["outputs"]["selected.jsonl"]
     trained = run_stage("train", lambda d: train_model(
         TrainRunConfig(data=subset, model=cfg.model, heads=heads, scope=cfg.scope, train=cfg.train), d, progress))
-    reference = run_stage("reference", lambda d: _reference(cfg, d, progress), timed=False)
+    reference = run_stage("reference", lambda d: reference_cost(ReferenceRunConfig(
+        pool=cfg.pool, model=cfg.model, train=cfg.train, estimate=cfg.reference, measure=cfg.measure_reference), d,
+        progress), timed=False)
 
     report = aer_report(ledger, reference)
     report["subset"] = {"selected": mined["counts"]["selected"], "pool": mined["counts"]["pool"], "path": subset}
@@ -146,22 +149,6 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     console.print(aer_table(report))
     console.print(f"report: {run_dir / 'report.md'}")
     return report
-
-
-def _reference(cfg: RunConfig, out: Path, progress: bool) -> dict:
-    """Full-data, full-parameter training cost: extrapolated from a short timed run, or measured in full."""
-    from p2d.data import load_examples
-    from p2d.models import load_tokenizer
-    from p2d.tokens import tokenize
-
-    if cfg.measure_reference:
-        start = time.perf_counter()
-        summary = train_model(TrainRunConfig(data=cfg.pool, model=cfg.model, scope="full", train=cfg.train), out,
-                              progress)
-        return {"seconds": time.perf_counter() - start, "method": "measured: full run", "samples": summary["samples"]}
-    tok = load_tokenizer(cfg.model)
-    pool = tokenize(load_examples(cfg.pool), tok, cfg.train.max_length)
-    return measure_reference(cfg.model, pool, tok.pad_token_id, cfg.train, cfg.reference_steps, cfg.seed, out)
 
 
 def _evaluate(cfg: RunConfig, run_dir: Path) -> dict:

@@ -10,6 +10,7 @@ import pytest
 from p2d import P2DError
 from p2d.pipelines.run import RunConfig, run_pipeline
 from p2d.proxy import ProxyConfig
+from p2d.reference import ReferenceConfig
 from p2d.trainer import TrainConfig
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "humaneval.jsonl.gz"
@@ -17,7 +18,7 @@ HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "
 
 def config(tiny_model, data, **kw) -> RunConfig:
     base = dict(model=str(tiny_model), pool=str(data), proxy_data=str(data), data_frac=0.25, head_frac=0.1,
-                proxy=ProxyConfig(samples=8, steps=2), reference_steps=1,
+                proxy=ProxyConfig(samples=8, steps=2), reference=ReferenceConfig(steps=2),
                 train=TrainConfig(lr=1e-2, max_steps=4, max_length=128, save_every=1))
     return RunConfig(**(base | kw))
 
@@ -39,9 +40,11 @@ def test_report_contract(finished):
     assert set(aer["stages"]) == {"proxy", "localize", "mine", "train"}
     assert all(aer["stages"][s]["seconds"] > 0 for s in aer["stages"])
     assert aer["total_seconds"] == pytest.approx(sum(s["seconds"] for s in aer["stages"].values()))
-    assert aer["reference"]["seconds"] > 0 and "extrapolated" in aer["reference"]["method"]
+    assert aer["reference"]["seconds"] > 0 and "timed steps of the real plan" in aer["reference"]["method"]
     assert aer["aer"] == pytest.approx(aer["total_seconds"] / aer["reference"]["seconds"])
     assert aer["speedup"] == pytest.approx(1 / aer["aer"])
+    lo, hi = aer["reference"]["interval"]
+    assert lo <= aer["reference"]["seconds"] <= hi and aer["reference"]["timed_steps"] == 2
     assert (run / "aer.png").stat().st_size > 1000
     md = (run / "report.md").read_text()
     assert "AER" in md and "heads.png" in md and f"{aer['subset']['selected']} of 48" in md

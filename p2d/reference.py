@@ -1,0 +1,86 @@
+"""The reference: what full-data, full-parameter training of the whole pool costs, estimated up front.
+
+A short probe on random rows mis-states the cost (its batches pad more than the real, length-grouped
+plan does, and machines drift), so the estimate times steps OF the real plan: the epoch's steps
+(`p2d.trainer.step_plan`) are sorted by size and `steps` of them are taken at evenly spaced
+quantiles, after one untimed warm-up on the widest. Per-step seconds are fitted as
+a + b·positions + c·Σ rows·width² (padded positions, and attention's quadratic term) with
+non-negative coefficients, and the fit is summed over every step of the plan and every epoch. The
+interval is a bootstrap over the timed steps (refit, re-sum), so it says how well the probe pins the
+cost down; it does not cover drift of the machine after the probe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy.optimize import nnls
+
+from p2d.tokens import Tokenized
+
+BOOTSTRAP = 1000
+
+
+@dataclass
+class ReferenceConfig:
+    steps: int = 12  # timed steps of the real plan (after one warm-up)
+    seed: int = 0
+
+
+def step_features(lengths: list[int], plan: list[list[list[int]]]) -> np.ndarray:
+    """[steps, 3]: 1, padded positions, Σ rows·width² of each planned step."""
+    rows = []
+    for step in plan:
+        widths = [(len(mb), max(lengths[i] for i in mb)) for mb in step]
+        rows.append([1.0, float(sum(n * w for n, w in widths)), float(sum(n * w * w for n, w in widths))])
+    return np.array(rows)
+
+
+def stratified(features: np.ndarray, count: int) -> np.ndarray:
+    """Indices of `count` steps at evenly spaced quantiles of size (positions), smallest to largest."""
+    order = np.argsort(features[:, 1], kind="stable")
+    picks = np.unique(np.round(np.linspace(0, len(order) - 1, min(count, len(order)))).astype(int))
+    return order[picks]
+
+
+def fit_total(x: np.ndarray, y: np.ndarray, plan: np.ndarray) -> float:
+    """Σ over the plan of the non-negative least-squares fit seconds ~ x (columns scaled for conditioning)."""
+    scale = np.maximum(np.abs(x).max(0), 1e-12)
+    coef, _ = nnls(x / scale, y)
+    return float(((plan / scale) @ coef).sum())
+
+
+def estimate(seconds: np.ndarray, timed: np.ndarray, plan: np.ndarray, epochs: int, seed: int = 0) -> dict:
+    """The reference estimate and its 90% bootstrap interval from timed steps' seconds and features."""
+    total = epochs * fit_total(timed, seconds, plan)
+    rng = np.random.default_rng(seed)
+    boots = [epochs * fit_total(timed[i], seconds[i], plan)
+             for i in (rng.integers(0, len(seconds), len(seconds)) for _ in range(BOOTSTRAP))]
+    lo, hi = np.percentile(boots, [5, 95])
+    return {"seconds": total, "interval": [float(lo), float(hi)]}
+
+
+def estimate_reference(model_spec: str, data: list[Tokenized], pad_id: int, config, ref: ReferenceConfig) -> dict:
+    """Full-parameter training of all of `data` for `config`'s epochs: timed steps of its plan, fitted, summed."""
+    from p2d.geometry import AttentionGeometry
+    from p2d.masking import apply_scope
+    from p2d.models import load_model
+    from p2d.trainer import step_plan, time_steps
+
+    data = [Tokenized(t.id, t.input_ids[: config.max_length], t.labels[: config.max_length]) for t in data]
+    lengths = [len(t) for t in data]
+    plan = step_plan(lengths, config, 0)
+    feats = step_features(lengths, plan)
+    picks = stratified(feats, ref.steps)
+    widest = int(np.argmax(feats[:, 1]))
+    model, _ = load_model(model_spec)
+    apply_scope(model, AttentionGeometry.from_config(model.config), "full")
+    seconds = np.array(time_steps(model, data, pad_id, replace(config, save_every=10**9),
+                                  [plan[widest]] + [plan[i] for i in picks])[1:])
+    epochs = config.epochs if config.max_steps is None else 1
+    out = estimate(seconds, feats[picks], feats, epochs, ref.seed)
+    return {**out, "method": f"{len(picks)} timed steps of the real plan, fit a + b·positions + c·Σrows·width², "
+                             f"summed over {len(plan)} steps × {epochs} epochs (90% bootstrap interval)",
+            "epochs": epochs, "steps_per_epoch": len(plan), "timed_steps": len(picks), "samples": len(data),
+            "padded_positions": int(epochs * feats[:, 1].sum()), "pool_tokens": int(sum(lengths))}
