@@ -242,6 +242,33 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
                  from_stage)
 
 
+@main.command()
+@click.option("--model", default="smollm2-135m",
+              help="Base model: embedded name, HF directory, .gguf, hub id, or a config.json file (any size; no weights).")
+@click.option("--data", default="p2d:default", help="The pool (its token lengths are scanned).")
+@click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
+@click.option("--data-frac", default=0.1, type=float, help="Fraction of the pool kept.")
+@click.option("--head-frac", default=0.1, type=float, help="Fraction of heads trained.")
+@click.option("--scope", type=click.Choice(["heads", "alps", "full", "no-attn", "lora", "qkv"]), default="heads")
+@click.option("--epochs", default=2, help="Epochs, for p2d's training and for the reference alike.")
+@click.option("--max-length", default=256, help="Training tokens per sample.")
+@click.option("--hardware", type=click.Choice(["calibrate", "h100", "h200", "a100", "l40s"]), default="calibrate",
+              help="calibrate: measure this machine once (cached); or a GPU's bf16 peak times --mfu.")
+@click.option("--mfu", default=0.4, type=float, help="Model FLOP utilisation assumed with a named GPU.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the plan as JSON here.")
+@user_errors
+def plan(model: str, data: str, fields: str | None, out: str | None, max_length: int, **kw) -> None:
+    """Predict each stage's FLOPs, seconds and peak memory before running anything."""
+    from p2d.pipelines.plan import plan_pool
+    from p2d.plan import PlanConfig
+
+    if not 0 < kw["data_frac"] <= 1 or not 0 < kw["head_frac"] <= 1:
+        raise P2DError("--data-frac and --head-frac must be in (0, 1]")
+    if kw["epochs"] <= 0 or max_length <= 0 or not 0 < kw["mfu"] <= 1:
+        raise P2DError("--epochs and --max-length must be positive and --mfu in (0, 1]")
+    plan_pool(model, data, PlanConfig(train_max_length=max_length, **kw), out, fields)
+
+
 @main.command(name="eval")
 @click.argument("model")
 @click.option("--domain", type=click.Choice(["code", "math", "general"]), required=True)

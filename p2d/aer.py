@@ -30,6 +30,7 @@ class StageTime:
     seconds: float = 0.0  # every finished or killed attempt of the stage's current output, summed
     gpu_seconds: float = 0.0
     attempts: int = 0
+    peak_memory_bytes: int = 0  # GPU: max allocated during the stage; CPU: the process's peak RSS so far
     running: dict | None = None  # the attempt in progress, as of its last heartbeat: {seconds, gpu_seconds}
 
 
@@ -67,6 +68,7 @@ class Ledger:
         self._save()
         if n_gpu:
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         stop = threading.Event()
 
@@ -93,11 +95,21 @@ class Ledger:
         entry.seconds += entry.running["seconds"]
         entry.gpu_seconds += entry.running["gpu_seconds"]
         entry.running = None
+        entry.peak_memory_bytes = max(entry.peak_memory_bytes, peak_memory(n_gpu))
         self._save()
 
     def record(self, name: str, seconds: float, gpu_seconds: float = 0.0) -> None:
         self.stages[name] = StageTime(seconds, gpu_seconds, 1)
         self._save()
+
+
+def peak_memory(n_gpu: int) -> int:
+    """Bytes: the GPUs' max allocated since the stage's reset, else this process's peak resident set."""
+    if n_gpu:
+        return sum(torch.cuda.max_memory_allocated(i) for i in range(n_gpu))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def aer_report(ledger: Ledger, reference: dict) -> dict:

@@ -14,15 +14,19 @@ from rich.console import Console
 
 from p2d import P2DError
 from p2d.aer import Ledger, aer_report, aer_table, write_aer
+from p2d.flops import Shape
 from p2d.io import read_json, write_json, write_text
 from p2d.models import DEFAULT_MODEL
 from p2d.pipelines.localize import LocalizeConfig, make_task_model, score_and_select
 from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool
+from p2d.pipelines.plan import scan_pool
 from p2d.pipelines.reference import ReferenceRunConfig, reference_cost
 from p2d.pipelines.stages import Stage, fingerprint
 from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_LR, TrainRunConfig, train_model
+from p2d.plan import PlanConfig, make_plan, plan_table, stage_flops
 from p2d.proxy import ProxyConfig
 from p2d.reference import ReferenceConfig
+from p2d.selection import read_heads_json
 from p2d.trainer import TrainConfig
 
 console = Console(stderr=True)
@@ -71,6 +75,15 @@ class RunConfig:
                           diversity=self.diversity,
                           selector=self.selector, max_length=self.mine_max_length, seed=self.seed)
 
+    def plan_config(self) -> PlanConfig:
+        return PlanConfig(data_frac=self.data_frac, head_frac=self.head_frac, scope=self.scope,
+                          epochs=self.train.epochs if self.train.max_steps is None else 1,
+                          train_batch_size=self.train.batch_size * self.train.grad_accum,
+                          train_max_length=self.train.max_length, mine_max_length=self.mine_max_length,
+                          proxy_samples=self.proxy.samples, proxy_steps=0 if self.task_model else self.proxy.steps,
+                          proxy_batch_size=self.proxy.batch_size, proxy_max_length=self.proxy.max_length,
+                          seed=self.seed)
+
     def validate(self) -> None:
         """Every option checked before the first stage starts, so a typo never costs a proxy run."""
         from p2d.cards import load_card
@@ -104,6 +117,10 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "run.json", {"config": asdict(cfg)})
+    model_cfg, lengths = scan_pool(cfg.model, cfg.pool)
+    plan = make_plan(model_cfg, lengths, cfg.plan_config())
+    write_json(run_dir / "plan.json", plan)
+    console.print(plan_table(plan))
     ledger = Ledger(run_dir / "ledger.json")
     options = _stage_options(cfg)
     stages, prev = {}, ""
@@ -139,6 +156,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
         progress), timed=False)
 
     report = aer_report(ledger, reference)
+    _count_flops(report, plan, model_cfg, lengths, cfg, mined, read_heads_json(heads).heads)
     report["subset"] = {"selected": mined["counts"]["selected"], "pool": mined["counts"]["pool"], "path": subset}
     report["heads"] = {"selected": len(read_json(heads)["selected"]), "path": heads}
     report["trainable_params"] = trained["trainable_params"]
@@ -149,6 +167,27 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     console.print(aer_table(report))
     console.print(f"report: {run_dir / 'report.md'}")
     return report
+
+
+def _count_flops(report: dict, plan: dict, model_cfg, lengths, cfg: RunConfig, mined: dict, heads: list) -> None:
+    """FLOPs of each stage as it ran (the real subset and heads; mining's target and shortlist lengths as
+    assumed) beside the seconds, and the plan's predicted seconds beside the measured ones."""
+    import csv
+
+    import numpy as np
+
+    with open(mined["outputs"]["scores.csv"], encoding="utf-8") as f:
+        subset = np.flatnonzero([row["selected"] == "1" for row in csv.DictReader(f)])
+    flops = stage_flops(Shape.from_config(model_cfg), lengths, cfg.plan_config(), subset=subset,
+                        heads=[tuple(h) for h in heads])
+    for name, stage in report["stages"].items():
+        stage["flops"] = flops[name]["flops"]
+        stage["planned_seconds"] = plan["stages"][name]["seconds"]
+    report["reference"]["flops"] = flops["reference"]["flops"]
+    report["reference"]["planned_seconds"] = plan["stages"]["reference"]["seconds"]
+    report["total_flops"] = sum(s["flops"] for s in report["stages"].values())
+    report["aer_flops"] = report["total_flops"] / flops["reference"]["flops"]
+    report["flops_method"] = "p2d.flops (matmul FLOPs of what runs; counted as torch's FLOP counter counts them)"
 
 
 def _evaluate(cfg: RunConfig, run_dir: Path) -> dict:

@@ -43,6 +43,10 @@ def test_report_contract(finished):
     assert aer["reference"]["seconds"] > 0 and "timed steps of the real plan" in aer["reference"]["method"]
     assert aer["aer"] == pytest.approx(aer["total_seconds"] / aer["reference"]["seconds"])
     assert aer["speedup"] == pytest.approx(1 / aer["aer"])
+    assert all(aer["stages"][s]["flops"] > 0 and aer["stages"][s]["planned_seconds"] > 0 for s in aer["stages"])
+    assert aer["stages"]["train"]["flops"] < aer["reference"]["flops"]  # heads on a quarter of the pool
+    assert aer["aer_flops"] == pytest.approx(aer["total_flops"] / aer["reference"]["flops"])
+    assert set(json.loads((run / "plan.json").read_text())["stages"]) == set(aer["stages"]) | {"reference"}
     lo, hi = aer["reference"]["interval"]
     assert lo <= aer["reference"]["seconds"] <= hi and aer["reference"]["timed_steps"] == 2
     assert (run / "aer.png").stat().st_size > 1000

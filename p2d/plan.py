@@ -1,0 +1,287 @@
+"""`p2d plan`: each stage's FLOPs, seconds and peak memory, predicted from a config and a pool scan.
+
+Nothing is loaded but the model's config (any size: an 8B or 70B config.json plans in seconds) and
+the pool's token lengths. FLOPs come from p2d.flops and are exact for what p2d runs; seconds divide
+them by a throughput: measured once on this machine (a random-init model of SmolLM2-135M's shape,
+a few forward passes and full training steps, cached in $P2D_CACHE/calibration.json), or a named
+GPU's dense bf16 peak times an MFU the output states. What is not known before the run is assumed
+and said: the subset's lengths are the pool's, and a selected head sits in layer 0 (ALPS often
+picks one there), so heads training back-propagates through every layer.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from p2d.flops import Shape, Trainable, forward, train_step, trainable_for
+from p2d.tokens import length_batches
+
+PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0}
+# SmolLM2-135M's shape: the calibration model (random weights, nothing downloaded)
+CALIBRATION_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152)
+STAGES = ("proxy", "localize", "mine", "train", "reference")
+
+
+@dataclass
+class PlanConfig:
+    data_frac: float = 0.1
+    head_frac: float = 0.1
+    scope: str = "heads"
+    epochs: int = 2
+    train_batch_size: int = 4
+    train_max_length: int = 256
+    mine_max_length: int = 128
+    mine_batch_size: int = 16
+    mine_max_tokens: int = 8192
+    shortlist: int = 3  # p2d.mining.SHORTLIST: the response-only pass over shortlist x subset rows
+    target_rows: int = 64
+    proxy_samples: int = 64
+    proxy_steps: int = 16
+    proxy_batch_size: int = 4
+    proxy_max_length: int = 256
+    hardware: str = "calibrate"  # or a GPU in PEAK_BF16_TFLOPS
+    mfu: float = 0.4  # for a named GPU
+    seed: int = 0
+
+
+@dataclass
+class Lengths:
+    """Prompt and response token counts of every pool row."""
+
+    prompt: np.ndarray
+    response: np.ndarray
+    method: str = "tokenized"
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.prompt + self.response
+
+
+def _batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[tuple[int, int]]:
+    """(rows, width) of the length-grouped micro-batches p2d forms."""
+    return [(len(b), int(max(lengths[i] for i in b))) for b in length_batches(lengths.tolist(), batch_size, max_tokens)]
+
+
+def _capped(lengths: Lengths, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """(total, labelled positions) per row after truncation to `cap` tokens."""
+    total = np.minimum(lengths.total, cap)
+    return total, np.clip(total - lengths.prompt, 0, None)
+
+
+def _train_flops(shape: Shape, lengths: Lengths, rows: np.ndarray, cap: int, batch_size: int, trainable: Trainable,
+                 steps: int | None = None, epochs: int = 1) -> tuple[int, int]:
+    """(FLOPs, largest micro-batch tokens) of training on `rows`: an epoch of length-grouped steps, or `steps` of them."""
+    total, labelled = _capped(Lengths(lengths.prompt[rows], lengths.response[rows]), cap)
+    groups = length_batches(total.tolist(), batch_size)
+    flops = [train_step(shape, [(len(g), int(total[g].max()))], int(np.maximum(labelled[g] - 1, 0).sum()), trainable)
+             for g in groups]
+    run = epochs * sum(flops) if steps is None else sum(flops[i % len(flops)] for i in range(steps))
+    return run, max(len(g) * int(total[g].max()) for g in groups)
+
+
+def _forward_flops(shape: Shape, total: np.ndarray, labelled: np.ndarray, cfg: PlanConfig) -> int:
+    groups = length_batches(total.tolist(), cfg.mine_batch_size, cfg.mine_max_tokens)
+    return sum(forward(shape, [(len(g), int(total[g].max()))], int(np.maximum(labelled[g] - 1, 0).sum()))
+               for g in groups)
+
+
+def assumed_heads(shape: Shape, head_frac: float) -> list[tuple[int, int]]:
+    """ceil(r·n) heads, one in layer 0 (the costly case: backward through every layer), the rest spread."""
+    n_heads = math.ceil(head_frac * shape.layers * shape.heads)
+    if shape.layers == 1:
+        return [(0, h) for h in range(n_heads)]
+    return [(0, 0)] + [(1 + i % (shape.layers - 1), i // (shape.layers - 1) % shape.heads) for i in range(n_heads - 1)]
+
+
+def stage_flops(shape: Shape, lengths: Lengths, cfg: PlanConfig, subset: np.ndarray | None = None,
+                heads: list[tuple[int, int]] | None = None) -> dict[str, dict]:
+    """FLOPs (and the largest micro-batch, for memory) of every stage of `p2d run`.
+
+    Before a run, the subset and heads are assumed (see the module docstring); after it, pass the
+    real ones and the count is exact for what ran.
+    """
+    n = len(lengths.prompt)
+    rng = np.random.default_rng(cfg.seed)
+    count = math.ceil(cfg.data_frac * n)
+    heads = heads if heads is not None else assumed_heads(shape, cfg.head_frac)
+    proxy, proxy_tokens = _train_flops(shape, lengths, np.arange(min(cfg.proxy_samples, n)), cfg.proxy_max_length,
+                                       cfg.proxy_batch_size, trainable_for("qkv", shape), steps=cfg.proxy_steps)
+    # ALPS: W_o^h = Q_hᵀ·K_g·V_gᵀ per head, for the base and the task model
+    localize = 2 * shape.layers * shape.heads * 2 * (2 * shape.hidden * shape.head_dim * shape.hidden)
+    total, labelled = _capped(lengths, cfg.mine_max_length)
+    target = rng.choice(n, size=min(cfg.target_rows, n), replace=False)
+    listed = rng.choice(n, size=min(cfg.shortlist * count, n), replace=False)
+    response_only = np.minimum(lengths.response[listed] + 1, cfg.mine_max_length)
+    mine = (_forward_flops(shape, total, labelled, cfg) + _forward_flops(shape, total[target], labelled[target], cfg)
+            + _forward_flops(shape, response_only, response_only - 1, cfg))
+    subset = subset if subset is not None else rng.choice(n, size=count, replace=False)
+    train, train_tokens = _train_flops(shape, lengths, subset, cfg.train_max_length, cfg.train_batch_size,
+                                       trainable_for(cfg.scope, shape, heads), epochs=cfg.epochs)
+    reference, ref_tokens = _train_flops(shape, lengths, np.arange(n), cfg.train_max_length, cfg.train_batch_size,
+                                         trainable_for("full", shape), epochs=cfg.epochs)
+    return {"proxy": {"flops": proxy, "kind": "train", "trainable": "qkv", "batch_tokens": proxy_tokens},
+            "localize": {"flops": localize, "kind": "forward", "batch_tokens": 0},
+            "mine": {"flops": mine, "kind": "forward", "batch_tokens": cfg.mine_max_tokens},
+            "train": {"flops": train, "kind": "train", "trainable": cfg.scope, "batch_tokens": train_tokens,
+                      "heads": len(heads)},
+            "reference": {"flops": reference, "kind": "train", "trainable": "full", "batch_tokens": ref_tokens}}
+
+
+def peak_memory(shape: Shape, stage: dict, cfg: PlanConfig, bytes_per: int, trainable_params: int) -> int:
+    """Approximate peak bytes: weights, AdamW state and gradients of what trains, activations of one micro-batch.
+
+    Activations per token and layer: ~16·hidden + 3·intermediate values kept for backward (none when
+    only forward runs, where one layer's working set counts), plus the LM head's logits chunk.
+    """
+    weights = shape.params() * bytes_per
+    per_token = (16 * shape.hidden + 3 * shape.intermediate) * bytes_per
+    logits = 2048 * shape.vocab * 4
+    if stage["kind"] == "forward":
+        return weights + stage["batch_tokens"] * per_token + logits
+    optimizer = trainable_params * (4 + 8 + (4 if bytes_per == 2 else 0))
+    return weights + optimizer + stage["batch_tokens"] * per_token * shape.layers + logits
+
+
+def trainable_params(shape: Shape, trainable: Trainable) -> int:
+    n = sum(math.prod(shape.linear(name)) for layer in trainable.weights.values() for name in layer)
+    for spec in trainable.extra.values():
+        for name, (kind, rank) in spec.items():
+            n_in, n_out = shape.linear(name)
+            n += {"rows": rank * n_in, "cols": n_out * rank, "lora": rank * (n_in + n_out)}[kind]
+    return n + shape.vocab * shape.hidden * (trainable.embeddings + trainable.lm_head)
+
+
+def machine() -> str:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or platform.machine())
+    cpu = _cpu_model()
+    return f"{device if torch.cuda.is_available() else cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def calibrate(force: bool = False) -> dict:
+    """Achieved FLOP/s of forward passes and of full training steps on this machine (cached per machine)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from p2d.io import read_json, write_json
+    from p2d.loss import forward_token_nll
+    from p2d.models import cache_dir, default_device
+    from p2d.tokens import IGNORE, Tokenized
+    from p2d.trainer import TrainConfig, time_steps
+
+    key = machine()
+    path = cache_dir() / "calibration.json"
+    cached = read_json(path) if path.is_file() else {}
+    if key in cached and not force:
+        return cached[key]
+    torch.manual_seed(0)
+    config = LlamaConfig(**CALIBRATION_SHAPE, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).to(default_device()).eval()
+    shape = Shape.from_config(config)
+    rows, width, prompt = 4, 128, 64
+    ids = torch.randint(3, config.vocab_size, (rows, width), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :prompt] = IGNORE
+    batch = {"input_ids": ids.to(model.device), "attention_mask": torch.ones_like(ids).to(model.device),
+             "labels": labels.to(model.device)}
+    logit_positions = rows * (width - prompt)
+    with torch.inference_mode():
+        forward_token_nll(model, batch)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            forward_token_nll(model, batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        fwd_s = (time.perf_counter() - t0) / 3
+    data = [Tokenized(str(i), ids[i].tolist(), labels[i].tolist()) for i in range(rows)]
+    model.train().requires_grad_(True)
+    seconds = time_steps(model, data, 0, TrainConfig(batch_size=rows, lr=1e-5), [[list(range(rows))]] * 4)[1:]
+    step = train_step(shape, [(rows, width)], logit_positions, trainable_for("full", shape))
+    result = {"forward_flops_per_s": forward(shape, [(rows, width)], logit_positions) / fwd_s,
+              "train_flops_per_s": step / float(np.median(seconds)),
+              "method": f"measured on {key}: SmolLM2-135M-shaped model, batch {rows}x{width}"}
+    write_json(path, cached | {key: result})
+    return result
+
+
+def rates(cfg: PlanConfig) -> dict:
+    if cfg.hardware == "calibrate":
+        return calibrate()
+    if cfg.hardware not in PEAK_BF16_TFLOPS:
+        from p2d import P2DError
+
+        raise P2DError(f"--hardware must be calibrate or one of {', '.join(PEAK_BF16_TFLOPS)}, got {cfg.hardware!r}")
+    rate = PEAK_BF16_TFLOPS[cfg.hardware] * 1e12 * cfg.mfu
+    return {"forward_flops_per_s": rate, "train_flops_per_s": rate,
+            "method": f"{cfg.hardware} dense bf16 peak {PEAK_BF16_TFLOPS[cfg.hardware]:g} TFLOP/s × assumed MFU {cfg.mfu}"}
+
+
+def make_plan(config, lengths: Lengths, cfg: PlanConfig) -> dict:
+    """The plan's JSON: per stage FLOPs, seconds, peak memory; the totals and the predicted AER."""
+    shape = Shape.from_config(config)
+    flops = stage_flops(shape, lengths, cfg)
+    r = rates(cfg)
+    gpu = cfg.hardware != "calibrate"
+    bytes_per = 2 if gpu else 4
+    stages = {}
+    for name, st in flops.items():
+        rate = r["train_flops_per_s"] if st["kind"] == "train" else r["forward_flops_per_s"]
+        t = trainable_for(st.get("trainable", "full"), shape, [(0, 0)] * st.get("heads", 0)) \
+            if st["kind"] == "train" else Trainable()
+        stages[name] = {"flops": st["flops"], "seconds": st["flops"] / rate,
+                        "peak_memory_bytes": peak_memory(shape, st, cfg, bytes_per, trainable_params(shape, t))}
+    p2d_flops = sum(stages[s]["flops"] for s in STAGES if s != "reference")
+    p2d_seconds = sum(stages[s]["seconds"] for s in STAGES if s != "reference")
+    ref = stages["reference"]
+    return {"stages": stages, "p2d_flops": p2d_flops, "p2d_seconds": p2d_seconds,
+            "aer_flops": p2d_flops / ref["flops"], "aer_seconds": p2d_seconds / ref["seconds"],
+            "speedup": ref["seconds"] / p2d_seconds, "rates": r, "pool_rows": int(len(lengths.prompt)),
+            "pool_tokens": int(lengths.total.sum()), "lengths": lengths.method, "config": asdict(cfg),
+            "model": {"layers": shape.layers, "hidden": shape.hidden, "heads": shape.heads,
+                      "kv_heads": shape.kv_heads, "params": shape.params()},
+            "assumptions": ["the subset's lengths are the pool's (a seeded random sample of its size)",
+                            "one selected head sits in layer 0, so heads training back-propagates through every layer",
+                            f"epochs: {cfg.epochs} on both sides (p2d's training and the reference)",
+                            "peak memory is approximate (p2d/plan.py: peak_memory)"]}
+
+
+def scan(records: list, tokenizer=None) -> Lengths:
+    """Prompt/response token counts of each example (tokenized), or bytes/4 without a tokenizer."""
+    if tokenizer is None:
+        p = np.array([len(e.prompt.encode()) // 4 + 1 for e in records])
+        r = np.array([len(e.response.encode()) // 4 + 1 for e in records])
+        return Lengths(p, r, "bytes / 4 (no tokenizer)")
+    p = np.array([len(x) for x in tokenizer([e.prompt for e in records], add_special_tokens=True)["input_ids"]])
+    r = np.array([len(x) + 1 for x in tokenizer([e.response for e in records], add_special_tokens=False)["input_ids"]])
+    return Lengths(p, r)
+
+
+def plan_table(plan: dict):
+    from rich.table import Table
+
+    table = Table(title=f"p2d plan: {plan['pool_rows']:,} rows, {plan['pool_tokens']:,} tokens")
+    for col in ("stage", "TFLOPs", "seconds", "peak memory GiB"):
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    for name, s in plan["stages"].items():
+        table.add_row(name, f"{s['flops'] / 1e12:.3f}", f"{s['seconds']:.1f}", f"{s['peak_memory_bytes'] / 2**30:.2f}")
+    table.caption = (f"predicted AER {plan['aer_seconds']:.3f} (speedup {plan['speedup']:.1f}x); "
+                     f"rates: {plan['rates']['method']}")
+    return table
+

@@ -1,0 +1,51 @@
+"""`p2d plan`: predict every stage's cost before running (p2d/plan.py), print it and write plan.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from p2d import P2DError
+from p2d.io import write_json
+from p2d.plan import Lengths, PlanConfig, make_plan, plan_table, scan
+
+console = Console(stderr=True)
+
+
+def model_config(spec: str):
+    """A config.json file (any size, no weights needed), or a model spec p2d can resolve."""
+    if spec.endswith(".json"):
+        try:
+            return json.loads(Path(spec).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise P2DError(f"--model {spec}: cannot read the config: {e}") from e
+    from p2d.models import load_config
+
+    return load_config(spec)
+
+
+def scan_pool(model: str, data: str, fields: str | None = None) -> tuple[object, Lengths]:
+    """(model config, the pool's token lengths): all a plan reads."""
+    from p2d.data import load_examples
+
+    config = model_config(model)
+    examples = load_examples(data, fields=fields)
+    tokenizer = None
+    if not model.endswith(".json"):
+        from p2d.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+    return config, scan(examples, tokenizer)
+
+
+def plan_pool(model: str, data: str, cfg: PlanConfig, out: str | Path | None = None, fields: str | None = None) -> dict:
+    """Scan the pool's token lengths, predict each stage, print the table; write plan.json to `out` if given."""
+    config, lengths = scan_pool(model, data, fields)
+    plan = make_plan(config, lengths, cfg)
+    plan["model"]["spec"], plan["pool"] = model, data
+    console.print(plan_table(plan))
+    if out is not None:
+        write_json(Path(out), plan)
+    return plan

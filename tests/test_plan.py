@@ -1,0 +1,72 @@
+"""`p2d plan`: predictions from a config alone, for any model size, with the assumptions stated."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from p2d.cli.main import main
+from p2d.flops import Shape, train_step, trainable_for
+from p2d.plan import Lengths, PlanConfig, make_plan, stage_flops
+from p2d.tokens import length_batches
+
+LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "intermediate_size": 28672,
+             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256}
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}
+
+
+def lengths(n: int = 500, seed: int = 0) -> Lengths:
+    rng = np.random.default_rng(seed)
+    return Lengths(rng.integers(10, 120, n), rng.integers(5, 300, n))
+
+
+@pytest.mark.parametrize("config", [LLAMA_8B, LLAMA_70B], ids=["8b", "70b"])
+def test_plan_for_a_large_config_without_weights(config):
+    plan = make_plan(config, lengths(), PlanConfig(hardware="h100", mfu=0.4))
+    stages = plan["stages"]
+    assert set(stages) == {"proxy", "localize", "mine", "train", "reference"}
+    rate = 989e12 * 0.4
+    assert all(s["seconds"] == pytest.approx(s["flops"] / rate) for s in stages.values())
+    assert stages["train"]["flops"] < stages["reference"]["flops"]
+    assert plan["speedup"] == pytest.approx(stages["reference"]["seconds"] / plan["p2d_seconds"])
+    params = Shape.from_config(config).params()
+    assert stages["reference"]["peak_memory_bytes"] > params * (2 + 16)  # bf16 weights + fp32 grads and AdamW
+    assert any("layer 0" in a for a in plan["assumptions"])
+
+
+def test_reference_flops_are_the_full_scope_steps_of_the_pool():
+    shape = Shape.from_config(LLAMA_8B)
+    ln = lengths(40)
+    cfg = PlanConfig(epochs=3, train_max_length=256, train_batch_size=4)
+    total = np.minimum(ln.total, 256)
+    labelled = np.clip(total - ln.prompt, 0, None)
+    want = 3 * sum(train_step(shape, [(len(g), int(total[g].max()))], int(np.maximum(labelled[g] - 1, 0).sum()),
+                              trainable_for("full", shape)) for g in length_batches(total.tolist(), 4))
+    assert stage_flops(shape, ln, cfg)["reference"]["flops"] == want
+
+
+def test_real_subset_and_heads_replace_the_assumptions():
+    shape = Shape.from_config(LLAMA_8B)
+    ln = lengths(200)
+    cfg = PlanConfig(data_frac=0.1)
+    deep = stage_flops(shape, ln, cfg, subset=np.arange(20), heads=[(31, 0)])["train"]["flops"]
+    shallow = stage_flops(shape, ln, cfg, subset=np.arange(20), heads=[(0, 0)])["train"]["flops"]
+    assert deep < shallow  # a head only in the last layer back-propagates through one layer
+
+
+def test_cli_plan_from_a_config_file(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAMA_70B))
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"instruction": f"task {i} " * 5, "output": "x " * (i % 50 + 1)}) + "\n"
+                            for i in range(60)))
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(main, ["plan", "--model", str(config), "--data", str(pool), "--hardware", "h200",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(out.read_text())
+    assert plan["lengths"].startswith("bytes / 4") and plan["pool_rows"] == 60
+    bad = CliRunner().invoke(main, ["plan", "--model", str(tmp_path / "missing.json"), "--data", str(pool)])
+    assert bad.exit_code == 2 and "missing.json" in bad.output
