@@ -30,7 +30,10 @@ def cache_dir() -> Path:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU (cuda:LOCAL_RANK under a multi-process launcher), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def default_dtype(device: torch.device | str | None = None) -> torch.dtype:

@@ -105,6 +105,22 @@ def deepspeed_config(stage: int, config: TrainConfig) -> dict:
     }
 
 
+def launcher_env() -> None:
+    """A single process started without a launcher gets the rendezvous variables one would set.
+
+    So `p2d train --deepspeed ds.json` runs as written (DeepSpeed otherwise tries MPI discovery).
+    """
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
 def _dtype(config: TrainConfig) -> torch.dtype:
     return config.dtype or default_dtype()
 
@@ -190,6 +206,7 @@ class _Run:
 
     def __init__(self, model: nn.Module, config: TrainConfig, total_steps: int):
         self.config = config
+        model.train()
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise P2DError("nothing to train: the model has no trainable parameters (check the scope)")
@@ -215,6 +232,9 @@ class _Run:
             import deepspeed
             import torch.distributed as dist
 
+            launcher_env()
+            if torch.cuda.is_available():
+                torch.cuda.set_device(default_device())  # each rank on its own GPU
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
             self.world, self.rank = dist.get_world_size(), dist.get_rank()
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO on the CPU (gloo, one process): head deltas train, frozen weights stay bit-identical.
+"""DeepSpeed ZeRO on the CPU (gloo; one process, and two under torchrun): head deltas train, frozen weights
+stay bit-identical, and the losses equal the single-process loop's.
 
 Each case runs this file as a script in a fresh process, because DeepSpeed's distributed state is
 process-global; the test then checks the tensors the worker saved.
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 HEADS = [(0, 1), (1, 5), (1, 6), (2, 7)]
 
 
-def setup(before: Path | None = None):
+def setup(before: Path | None = None, world: int = 1):
     """The heads-scope model, data and config shared by the DeepSpeed worker and the reference run."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -37,7 +38,8 @@ def setup(before: Path | None = None):
     for i, length in enumerate([12, 12, 9, 9, 12, 7, 7, 12]):
         ids = torch.randint(1, 128, (length,), generator=g).tolist()
         data.append(Tokenized(str(i), ids, [IGNORE] * 4 + ids[4:]))
-    cfg = TrainConfig(lr=1e-2, weight_decay=0.1, batch_size=2, grad_accum=2, max_steps=3, save_every=2,
+    # the effective batch is 4 for every world size: 2 x 2 micro-batches, or 2 per rank on 2 ranks
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1, batch_size=2, grad_accum=2 // world, max_steps=3, save_every=2,
                       warmup_ratio=0.0, dtype=torch.float32, max_grad_norm=0.05)  # low: clipping is exercised
     return model, data, cfg
 
@@ -47,17 +49,19 @@ def worker(stage: int, out: Path) -> None:
 
     from p2d.trainer import deepspeed_config, train
 
-    model, data, cfg = setup(out / "before.safetensors")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    model, data, cfg = setup(out / "before.safetensors" if rank == 0 else None, world)
     cfg.deepspeed = deepspeed_config(stage, cfg)
     result = train(model, data, pad_id=0, config=cfg, out_dir=out / "run", progress=False)
     params = list(model.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=stage == 3):
-        save_file({n: p.detach().clone().contiguous() for n, p in model.named_parameters()},
-                  str(out / "after.safetensors"))
-    (out / "losses.txt").write_text(" ".join(map(str, result.losses)))
+        state = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
+    if rank == 0:
+        save_file(state, str(out / "after.safetensors"))
+        (out / "losses.txt").write_text(" ".join(map(str, result.losses)))
     # a second run in the same directory resumes from the DeepSpeed checkpoint (done: no steps left)
     # and rewrites run/adapter from the reloaded weights, which the test compares with the trained ones
-    fresh, _, _ = setup()
+    fresh, _, _ = setup(world=world)
     resumed = train(fresh, data, pad_id=0, config=cfg, out_dir=out / "run", progress=False)
     assert resumed.resumed_from == 3 and resumed.losses == result.losses
 
@@ -69,13 +73,17 @@ def free_port() -> int:
 
 
 @pytest.mark.deepspeed
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_heads_scope_on_cpu(tmp_path, stage):
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache" / "torch_extensions"))
-    proc = subprocess.run([sys.executable, __file__, str(stage), str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=300)
+@pytest.mark.parametrize("stage,world", [(2, 1), (3, 1), (2, 2), (3, 2)])
+def test_zero_heads_scope_on_cpu(tmp_path, stage, world):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env |= dict(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache" / "torch_extensions"))
+    if world == 1:  # no launcher variables: p2d fills them, as for `p2d train --deepspeed` run as written
+        cmd = [sys.executable, __file__]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+               "--master-port", str(free_port()), __file__]
+    proc = subprocess.run(cmd + [str(stage), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     before, after = load_file(tmp_path / "before.safetensors"), load_file(tmp_path / "after.safetensors")
