@@ -133,8 +133,11 @@ def mine(out: str, **kw) -> None:
     """Mine a pool with head-activation affinity; write selected.jsonl, scores.csv, trainer snippets, mine.json."""
     from p2d.pipelines.mine import MineConfig, mine_pool
 
+    import os
+
     mine_pool(MineConfig(**kw), out)
-    console.print(f"-> {out}/selected.jsonl")
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"-> {out}/selected.jsonl")
 
 
 def train_options(f):

@@ -223,7 +223,8 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
                      quality: str = "none", tokenizer=None, batch_size: int = 16, max_tokens: int = 8192,
                      store_dir: str | Path | None = None, model_id: str = "", progress: bool = True,
                      early_stop: bool = True, shard_samples: int = SHARD_SAMPLES,
-                     on_shard: Callable[[int], None] | None = None) -> FeatureResult:
+                     on_shard: Callable[[int], None] | None = None, rank: int = 0, world: int = 1,
+                     barrier: Callable[[], None] | None = None) -> FeatureResult:
     """Pooled, per-head L2-normalised features of `tokenized` (and a quality signal) in one pass.
 
     kind="heads": the chosen `heads` [(layer, head)], dim = n_heads * head_dim.
@@ -232,6 +233,10 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
     the response alone (a second, response-only forward; needs `tokenizer` for its start token).
     With `store_dir`, finished shards are kept on disk and skipped on a rerun; `on_shard(i)` is
     called after shard i is written (tests use it to simulate a kill).
+
+    Several processes (`world` > 1, each with its `rank`, sharing `store_dir`) split the shards
+    round-robin, each writes its own, and after `barrier()` every rank reads them all: the result
+    is the one process's, shard for shard, since a shard's batches do not depend on the split.
     """
     if kind not in KINDS:
         raise P2DError(f"unknown feature kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -261,10 +266,18 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
     batches = length_batches([len(t) for t in tokenized], batch_size, max_tokens)
     shards = _shards(batches, shard_samples)  # fixed before any work, so a rerun finds the same shards
     store = FeatureStore(store_dir) if store_dir is not None else None
+    if world > 1 and (store is None or barrier is None):
+        raise P2DError("extraction over several processes needs a shared store directory and a barrier")
     if store:
-        store.open({"model_id": model_id, "kind": kind, "units": [list(u) if kind == "heads" else u for u in units],
-                    "pooling": pooling, "quality": quality, "fingerprint": fingerprint(tokenized),
-                    "n_samples": len(tokenized), "dim": dim})
+        meta = {"model_id": model_id, "kind": kind, "units": [list(u) if kind == "heads" else u for u in units],
+                "pooling": pooling, "quality": quality, "fingerprint": fingerprint(tokenized),
+                "n_samples": len(tokenized), "dim": dim}
+        if rank == 0:
+            store.open(meta)
+        if world > 1:
+            barrier()  # rank 0 made the store; every other rank checks it holds the same inputs as its own
+            if rank != 0:
+                store.open(meta)
 
     stop = early_stop and quality == "none"
     n_tokens = 0
@@ -277,6 +290,8 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
         for si, shard in enumerate(shards):
             order = [i for b in shard for i in b]
             ids = [tokenized[i].id for i in order]
+            if si % world != rank:  # another rank's shard: read after the barrier below
+                continue
             if store and store.done(si, ids):
                 feats, qual = store.read(si)
                 bar.advance(task, len(order))
@@ -303,10 +318,19 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
                     on_shard(si)
             done_feats.append(feats)
             done_quality.append(qual)
+    if world > 1:
+        barrier()
+        done_feats, done_quality = [], []
+        for si, shard in enumerate(shards):
+            if not store.done(si, [tokenized[i].id for b in shard for i in b]):
+                raise P2DError(f"feature store {store.path}: shard {si} is missing after every rank finished")
+            feats, qual = store.read(si)
+            done_feats.append(feats)
+            done_quality.append(qual)
     seconds = time.perf_counter() - t0
 
     order = np.array([i for s in shards for b in s for i in b], dtype=np.int64)
-    features = _assemble(done_feats, order, len(tokenized), dim, store)
+    features = _assemble(done_feats, order, len(tokenized), dim, store if rank == 0 else None)
     qual_arr = None
     if quality != "none":
         qual_arr = np.empty(len(tokenized), dtype=np.float64)

@@ -339,7 +339,8 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
          pooling: str = "mean", quality: str = "none", quality_weight: float | None = None, tokenizer=None,
          task_model=None, max_layer: int | None = None, head_report: bool = False, diversity: str = "none",
          dedup_threshold: float | None = None, index: str = "auto", seed: int = 0, batch_size: int = 16,
-         max_tokens: int = 8192, store_dir=None, model_id: str = "", progress: bool = True) -> MineResult:
+         max_tokens: int = 8192, store_dir=None, model_id: str = "", progress: bool = True,
+         ranks: tuple[int, int, object] | None = None) -> MineResult:
     """Score and select pool samples for the domain the target samples define.
 
     selector: see the module docstring. For "p2d" the heads come from `heads` (ALPS, heads.json),
@@ -347,7 +348,9 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
     given). `quality` applies to "p2d" and the embedding selectors; "reducible" needs `task_model`
     (the proxy fine-tune). The summary reports the separation of target vs a pool sample for the
     features used and, for p2d with `head_report` (always for the random and discriminative head
-    sets, which need its all-heads pass), for every head set.
+    sets, which need its all-heads pass), for every head set. `ranks` = (rank, world, barrier)
+    splits the pool's extraction (the heavy pass) across processes sharing `store_dir`; every
+    process then selects the same subset.
     """
     if selector not in SELECTORS:
         raise P2DError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
@@ -406,8 +409,9 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
         feat_kw = dict(kind="hidden", layers=[layer], pooling=pooling)
         summary["layers"] = [layer]
     pass_quality = "ifd" if selector == "ifd" else ("nll" if quality in SHORTLISTED else quality)
+    rank, world, barrier = ranks or (0, 1, None)
     res = extract_features(model, pool, **feat_kw, **kw, quality=pass_quality, tokenizer=tokenizer,
-                           store_dir=store_dir)
+                           store_dir=store_dir, rank=rank, world=world, barrier=barrier)
     summary["timings"]["extract_s"] = round(time.perf_counter() - t0, 3)
     summary["extract_tokens_per_s"] = round(res.tokens_per_s, 1)
     summary["feature_dim"] = int(res.features.shape[1])

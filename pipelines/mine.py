@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,18 @@ class MineConfig:
         return None
 
 
+def process_group() -> tuple[int, int, object]:
+    """(rank, world, barrier) under torchrun (WORLD_SIZE > 1; gloo: only barriers pass between ranks), else (0, 1, None)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world, dist.barrier
+
+
 def target_source(cfg: MineConfig) -> str:
     from p2d.cards import load_card
 
@@ -101,6 +114,8 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
 
     cfg.validate()
     out_dir = Path(out_dir)
+    rank, world, barrier = process_group()
+    progress = progress and rank == 0
     geom = AttentionGeometry.from_config(load_config(cfg.model))
     heads = read_heads_json(cfg.heads, geom).heads if cfg.heads else None  # wrong model: fails before any work
     start = time.perf_counter()
@@ -110,15 +125,19 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
     model, tok = load_model(cfg.model)
     task_model = load_model(cfg.task_model_path())[0] if cfg.needs_task_model() else None
     load_s = time.perf_counter() - start
-    console.print(f"[bold]mine[/] {len(pool)} pool samples from {cfg.data}, target {len(target)} from {tsource}, "
-                  f"selector {cfg.selector}" + (f", heads {cfg.mining_heads}" if cfg.selector == "p2d" else ""))
+    if rank == 0:
+        console.print(f"[bold]mine[/] {len(pool)} pool samples from {cfg.data}, target {len(target)} from {tsource}, "
+                      f"selector {cfg.selector}" + (f", heads {cfg.mining_heads}" if cfg.selector == "p2d" else ""))
     result = mine(model, tokenize(pool, tok, cfg.max_length), tokenize(target, tok, cfg.max_length),
                   data_frac=cfg.data_frac, selector=cfg.selector, heads=heads, head_set=cfg.mining_heads,
                   n_heads=None if heads else max(1, round(0.1 * geom.total_heads)), pooling=cfg.pooling,
                   quality=cfg.quality, quality_weight=cfg.quality_weight, tokenizer=tok, task_model=task_model,
                   max_layer=cfg.mining_max_layer, head_report=cfg.head_report, diversity=cfg.diversity,
                   dedup_threshold=cfg.dedup, index=cfg.index, seed=cfg.seed, batch_size=cfg.batch_size,
-                  store_dir=out_dir / "store", model_id=resolve_model(cfg.model), progress=progress)
+                  store_dir=out_dir / "store", model_id=resolve_model(cfg.model), progress=progress,
+                  ranks=(rank, world, barrier))
+    if rank != 0:  # every rank made the same selection; rank 0 writes it
+        return result.summary
     start = time.perf_counter()
     paths = export_subset(out_dir, pool, result, source_format=Path(cfg.data).suffix, parquet=cfg.parquet,
                           axolotl=axolotl_settings(model, heads, resolve_model(cfg.model)))

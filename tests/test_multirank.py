@@ -1,0 +1,46 @@
+"""`torchrun --nproc-per-node 2 p2d mine` (gloo, CPU): the same selection, byte for byte, as one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from p2d.default_pool import build_pool
+
+from test_cli import localized, p2d, perturbed_task_model  # noqa: F401  (module fixture and helpers)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pool_600(tmp_path_factory):
+    """600 rows: three feature-store shards of 256, so both ranks get work and one gets two."""
+    rows = build_pool()
+    picked = [r for d in ("code", "math", "general") for r in [x for x in rows if x["domain"] == d][:200]]
+    path = tmp_path_factory.mktemp("pool600") / "pool.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return path
+
+
+@pytest.mark.parametrize("pool_kind", ["three-shards", "one-shard"])
+def test_two_rank_mining_equals_one_process(tiny_model, localized, small_pool, pool_600, tmp_path, pool_kind):  # noqa: F811
+    pool = pool_600 if pool_kind == "three-shards" else small_pool  # one shard: rank 1 has nothing to do
+    args = ["mine", "--model", str(tiny_model), "--heads", str(localized / "heads.json"), "--data", str(pool),
+            "--domain", "code", "--data-frac", "0.1"]
+    p2d(*args, "--out", tmp_path / "one")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), "-m", "p2d.cli.main", *args, "--out", str(tmp_path / "two")],
+                          env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("selected.jsonl", "scores.csv", "trl.jsonl"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    shards = sorted((tmp_path / "two" / "store").glob("shard-*.json"))
+    assert len(shards) == (3 if pool_kind == "three-shards" else 1)
