@@ -190,6 +190,9 @@ SCOPE_HELP = ("heads: only the selected heads' q rows and their KV groups' k/v r
 @click.option("--scope", type=click.Choice(["heads", "alps", "random", "lc", "full", "no-attn", "lora", "qkv"]),
               default="heads", help=SCOPE_HELP)
 @click.option("--train-o", is_flag=True, help="Also train the selected heads' o_proj columns.")
+@click.option("--kv-scope", type=click.Choice(["shared", "none"]), default="shared",
+              help="shared: also train the heads' KV groups (k/v rows other query heads read too); none: query "
+                   "rows only, so 10%% of heads stays 10%% under heavy GQA.")
 @click.option("--lora-rank", default=128)
 @click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
 @train_options
@@ -220,6 +223,8 @@ def train(out: str, **kw) -> None:
 @mine_options
 @click.option("--scope", type=click.Choice(["heads", "alps", "full", "no-attn", "lora"]), default="heads",
               help=SCOPE_HELP)
+@click.option("--kv-scope", type=click.Choice(["shared", "none"]), default="shared",
+              help="none: train only the heads' query rows, never a KV group shared with other heads.")
 @train_options
 @click.option("--measure-reference", is_flag=True, help="Measure full-data full-parameter training in full.")
 @click.option("--reference-steps", default=12,

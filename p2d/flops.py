@@ -70,7 +70,7 @@ class Trainable:
 
 
 def trainable_for(scope: str, shape: Shape, heads: list[tuple[int, int]] = (), train_o: bool = False,
-                  lora_rank: int = 128) -> Trainable:
+                  lora_rank: int = 128, kv_scope: str = "shared") -> Trainable:
     """The Trainable of a p2d scope (p2d.masking.apply_scope), from the config and head list alone."""
     mlp = {"gate_proj", "up_proj", "down_proj"}
     every = range(shape.layers)
@@ -90,7 +90,9 @@ def trainable_for(scope: str, shape: Shape, heads: list[tuple[int, int]] = (), t
         for layer, hs in by_layer.items():
             q = len(hs) * shape.head_dim
             kv = len({h // group for h in hs}) * shape.head_dim
-            spec = {"q_proj": ("rows", q), "k_proj": ("rows", kv), "v_proj": ("rows", kv)}
+            spec = {"q_proj": ("rows", q)}
+            if kv_scope == "shared":
+                spec |= {"k_proj": ("rows", kv), "v_proj": ("rows", kv)}
             if train_o:
                 spec["o_proj"] = ("cols", q)
             t.extra[layer] = spec
@@ -149,8 +151,10 @@ def backward(shape: Shape, batches: list[tuple[int, int]], logit_positions: int,
             if name in extra:
                 kind, rank = extra[name]
                 total += tokens * _extra_backward(n_in, n_out, kind, rank, needs_input[name])
-        if attn_grad:
-            total += 2 * _attention(shape, batches)
+        # QKᵀ gives dQ and dK, PV gives dP and dV, each as costly as one of the two forward matmuls,
+        # and each only where that side depends on something trainable
+        q, k, v = (body_grad or n in whole or n in extra for n in ("q_proj", "k_proj", "v_proj"))
+        total += _attention(shape, batches) // 2 * (q + k + (q or k) + v)
     return total
 
 

@@ -84,6 +84,7 @@ class ScopeInfo:
     total_params: int
     heads: list[tuple[int, int]] = field(default_factory=list)
     train_o: bool = False
+    kv_scope: str = "shared"
     lora_rank: int | None = None
     lora_alpha: float | None = None
     per_projection: dict[str, int] = field(default_factory=dict)  # trainable params in q/k/v/o_proj
@@ -93,7 +94,11 @@ def _rows(blocks: list[slice]) -> list[int]:
     return [i for s in blocks for i in range(s.start, s.stop)]
 
 
-def _wrap_heads(model: nn.Module, geom: AttentionGeometry, heads: list[tuple[int, int]], train_o: bool) -> None:
+KV_SCOPES = ("shared", "none")
+
+
+def _wrap_heads(model: nn.Module, geom: AttentionGeometry, heads: list[tuple[int, int]], train_o: bool,
+                kv_scope: str = "shared") -> None:
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         if not (0 <= layer < geom.num_layers and 0 <= head < geom.num_heads):
@@ -105,7 +110,9 @@ def _wrap_heads(model: nn.Module, geom: AttentionGeometry, heads: list[tuple[int
         q_rows = _rows([geom.q_rows(h) for h in hs])
         kv_rows = _rows([geom.kv_rows(g) for g in groups])
         attn = attention(model, layer)
-        plan = {"q_proj": (q_rows, "rows"), "k_proj": (kv_rows, "rows"), "v_proj": (kv_rows, "rows")}
+        plan = {"q_proj": (q_rows, "rows")}
+        if kv_scope == "shared":  # the heads' KV groups, which the group's other query heads also read
+            plan |= {"k_proj": (kv_rows, "rows"), "v_proj": (kv_rows, "rows")}
         if train_o:
             plan["o_proj"] = (q_rows, "cols")  # o_proj's input columns follow the q head layout
         for name, (index, dim) in plan.items():
@@ -120,17 +127,22 @@ def _is_attention(name: str) -> bool:
 
 
 def apply_scope(model: nn.Module, geom: AttentionGeometry, scope: str, heads=None, *, train_o: bool = False,
+                kv_scope: str = "shared",
                 lora_rank: int = 128, lora_alpha: float | None = None) -> ScopeInfo:
     """Make exactly the parameters of `scope` trainable (in place) and report how many there are.
 
     heads (aliases random, lc): the selected heads' q rows, their KV groups' k/v rows (shared by the
       other query heads of the group), q/k/v bias rows, and with train_o their o_proj input columns.
+      kv_scope "none" leaves k/v frozen: under heavy GQA (8 query heads per KV group) 10% of the
+      heads can touch most KV groups, and then "10% of heads" would train far more than 10%.
     alps: those slices plus every weight outside self_attn (MLP, norms, embeddings, lm_head).
     full: everything. no-attn: everything outside self_attn. qkv: all q/k/v weights only.
     lora: peft LoRA on q/k/v (rank `lora_rank`, alpha 2·rank unless given), injected in place.
     """
     if scope not in SCOPES:
         raise P2DError(f"unknown training scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if kv_scope not in KV_SCOPES:
+        raise P2DError(f"unknown kv scope {kv_scope!r}; choose one of {', '.join(KV_SCOPES)}")
     heads = sorted({(int(layer), int(h)) for layer, h in (heads or [])})
     head_scope = scope in ("heads", "alps") + HEAD_ALIASES
     if head_scope and not heads:
@@ -146,7 +158,7 @@ def apply_scope(model: nn.Module, geom: AttentionGeometry, scope: str, heads=Non
             for name in ("q_proj", "k_proj", "v_proj"):
                 projection(model, layer, name).requires_grad_(True)
     if head_scope:
-        _wrap_heads(model, geom, heads, train_o)
+        _wrap_heads(model, geom, heads, train_o, kv_scope)
     if scope == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -163,6 +175,7 @@ def apply_scope(model: nn.Module, geom: AttentionGeometry, scope: str, heads=Non
     info = ScopeInfo(
         scope=scope, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=total, heads=heads if head_scope else [], train_o=train_o and head_scope,
+        kv_scope=kv_scope if head_scope else "shared",
         lora_rank=lora_rank if scope == "lora" else None, lora_alpha=lora_alpha if scope == "lora" else None,
         per_projection=per_proj,
     )
@@ -211,7 +224,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, heads_json_path: 
         raise P2DError("save_adapter needs a model prepared by p2d.masking.apply_scope")
     out_dir = Path(out_dir)
     geom = AttentionGeometry.from_config(model.config)
-    config = {"scope": info.scope, "train_o": info.train_o, "heads": [list(h) for h in info.heads],
+    config = {"scope": info.scope, "train_o": info.train_o, "kv_scope": info.kv_scope,
+              "heads": [list(h) for h in info.heads],
               "lora_rank": info.lora_rank, "lora_alpha": info.lora_alpha, "geometry": geom.as_dict(),
               "hidden_size": geom.hidden_size, "model_type": geom.model_type,
               "base_model": base_model or getattr(model.config, "_name_or_path", None),
@@ -241,7 +255,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> ScopeInfo:
     if cfg["geometry"] != geom.as_dict() or cfg.get("hidden_size", geom.hidden_size) != geom.hidden_size:
         raise P2DError(f"{cfg_path}: adapter geometry {cfg['geometry']} does not match the model {geom.as_dict()}")
     kwargs = {"lora_rank": cfg["lora_rank"], "lora_alpha": cfg["lora_alpha"]} if cfg["scope"] == "lora" else {}
-    info = apply_scope(model, geom, cfg["scope"], [tuple(h) for h in cfg["heads"]], train_o=cfg["train_o"], **kwargs)
+    info = apply_scope(model, geom, cfg["scope"], [tuple(h) for h in cfg["heads"]], train_o=cfg["train_o"],
+                       kv_scope=cfg.get("kv_scope", "shared"), **kwargs)
     state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     current = dict(model.named_parameters()) | dict(model.named_buffers())
     unknown = sorted(set(state) - set(current))

@@ -33,6 +33,7 @@ class PlanConfig:
     data_frac: float = 0.1
     head_frac: float = 0.1
     scope: str = "heads"
+    kv_scope: str = "shared"
     epochs: int = 2
     train_batch_size: int = 4
     train_max_length: int = 256
@@ -122,7 +123,8 @@ def stage_flops(shape: Shape, lengths: Lengths, cfg: PlanConfig, subset: np.ndar
             + _forward_flops(shape, response_only, response_only - 1, cfg))
     subset = subset if subset is not None else rng.choice(n, size=count, replace=False)
     train, train_tokens = _train_flops(shape, lengths, subset, cfg.train_max_length, cfg.train_batch_size,
-                                       trainable_for(cfg.scope, shape, heads), epochs=cfg.epochs)
+                                       trainable_for(cfg.scope, shape, heads, kv_scope=cfg.kv_scope),
+                                       epochs=cfg.epochs)
     reference, ref_tokens = _train_flops(shape, lengths, np.arange(n), cfg.train_max_length, cfg.train_batch_size,
                                          trainable_for("full", shape), epochs=cfg.epochs)
     return {"proxy": {"flops": proxy, "kind": "train", "trainable": "qkv", "batch_tokens": proxy_tokens},
@@ -243,7 +245,7 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig) -> dict:
     stages = {}
     for name, st in flops.items():
         rate = r["train_flops_per_s"] if st["kind"] == "train" else r["forward_flops_per_s"]
-        t = trainable_for(st.get("trainable", "full"), shape, [(0, 0)] * st.get("heads", 0)) \
+        t = trainable_for(st.get("trainable", "full"), shape, assumed_heads(shape, cfg.head_frac), kv_scope=cfg.kv_scope) \
             if st["kind"] == "train" else Trainable()
         stages[name] = {"flops": st["flops"], "seconds": st["flops"] / rate,
                         "peak_memory_bytes": peak_memory(shape, st, cfg, bytes_per, trainable_params(shape, t))}

@@ -52,6 +52,7 @@ class RunConfig:
     selector: str = "p2d"
     diversity: str = MineConfig.diversity
     scope: str = "heads"
+    kv_scope: str = "shared"
     mine_max_length: int = 128
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=DEFAULT_LR["heads"], epochs=DEFAULT_EPOCHS,
@@ -76,7 +77,7 @@ class RunConfig:
                           selector=self.selector, max_length=self.mine_max_length, seed=self.seed)
 
     def plan_config(self) -> PlanConfig:
-        return PlanConfig(data_frac=self.data_frac, head_frac=self.head_frac, scope=self.scope,
+        return PlanConfig(data_frac=self.data_frac, head_frac=self.head_frac, scope=self.scope, kv_scope=self.kv_scope,
                           epochs=self.train.epochs if self.train.max_steps is None else 1,
                           train_batch_size=self.train.batch_size * self.train.grad_accum,
                           train_max_length=self.train.max_length, mine_max_length=self.mine_max_length,
@@ -94,7 +95,7 @@ class RunConfig:
         load_card(self.domain)
         self.localize_config().validate()
         n_selected(self.data_frac, 1)
-        check_train_options(self.scope, self.train)
+        check_train_options(self.scope, self.train, self.kv_scope)
 
 
 def _stage_options(cfg: RunConfig) -> dict[str, dict]:
@@ -104,7 +105,7 @@ def _stage_options(cfg: RunConfig) -> dict[str, dict]:
         "localize": {k: d[k] for k in ("head_frac", "metric", "head_method", "seed")},
         "mine": {k: d[k] for k in ("pool", "target", "data_frac", "mining_heads", "mining_max_layer", "head_report",
                                    "quality", "selector", "diversity", "mine_max_length")},
-        "train": {k: d[k] for k in ("scope", "train")},
+        "train": {k: d[k] for k in ("scope", "kv_scope", "train")},
         "reference": {k: d[k] for k in ("pool", "model", "train", "reference", "measure_reference")},
     }
 
@@ -150,7 +151,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     mined = run_stage("mine", lambda d: mine_pool(cfg.mine_config(heads, proxy["task_model"]), d, progress))
     subset = mined["outputs"]["selected.jsonl"]
     trained = run_stage("train", lambda d: train_model(
-        TrainRunConfig(data=subset, model=cfg.model, heads=heads, scope=cfg.scope, train=cfg.train), d, progress))
+        TrainRunConfig(data=subset, model=cfg.model, heads=heads, scope=cfg.scope, kv_scope=cfg.kv_scope,
+                       train=cfg.train), d, progress))
     reference = run_stage("reference", lambda d: reference_cost(ReferenceRunConfig(
         pool=cfg.pool, model=cfg.model, train=cfg.train, estimate=cfg.reference, measure=cfg.measure_reference), d,
         progress), timed=False)

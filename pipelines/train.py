@@ -33,22 +33,27 @@ class TrainRunConfig:
     heads: str | None = None
     scope: str = "heads"
     train_o: bool = False
+    kv_scope: str = "shared"  # none: train only the heads' query rows (and o columns), never a shared KV group
     lora_rank: int = 128
     fields: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
-        check_train_options(self.scope, self.train)
+        check_train_options(self.scope, self.train, self.kv_scope)
         if self.scope in HEAD_SCOPES and not self.heads:
             raise P2DError(f"--scope {self.scope} trains selected heads: pass --heads heads.json")
         if self.heads and not Path(self.heads).is_file():
             raise P2DError(f"--heads: file not found: {self.heads}")
 
 
-def check_train_options(scope: str, t: TrainConfig) -> None:
+def check_train_options(scope: str, t: TrainConfig, kv_scope: str = "shared") -> None:
     """Options that are wrong whatever the data: checked before any stage runs."""
+    from p2d.masking import KV_SCOPES
+
     if scope not in SCOPES:
         raise P2DError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if kv_scope not in KV_SCOPES:
+        raise P2DError(f"--kv-scope must be one of {', '.join(KV_SCOPES)}, got {kv_scope!r}")
     if t.max_steps is None and t.epochs <= 0:
         raise P2DError(f"--epochs must be positive, got {t.epochs}")
     if t.max_steps is not None and t.max_steps <= 0:
@@ -79,7 +84,8 @@ def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True)
     model, tok = load_model(cfg.model)
     geom = AttentionGeometry.from_config(model.config)
     heads = read_heads_json(cfg.heads, geom).heads if cfg.heads else None
-    info = apply_scope(model, geom, cfg.scope, heads, train_o=cfg.train_o, lora_rank=cfg.lora_rank)
+    info = apply_scope(model, geom, cfg.scope, heads, train_o=cfg.train_o, kv_scope=cfg.kv_scope,
+                       lora_rank=cfg.lora_rank)
     console.print(f"[bold]train[/] scope {cfg.scope}: {info.trainable_params:,} of {info.total_params:,} "
                   f"parameters trainable ({info.trainable_params / info.total_params:.2%}), {len(examples)} samples")
     data = tokenize(examples, tok, cfg.train.max_length)

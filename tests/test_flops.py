@@ -44,15 +44,19 @@ def test_forward_stopping_after_some_layers():
     assert got == forward(Shape.from_config(random_model().config), batches, 0, layers=2)
 
 
-@pytest.mark.parametrize("scope,train_o", [("heads", False), ("heads", True), ("full", False), ("qkv", False),
-                                           ("lora", False), ("alps", False), ("no-attn", False)])
-def test_training_step(scope, train_o):
+@pytest.mark.parametrize("scope,train_o,kv", [("heads", False, "shared"), ("heads", True, "shared"),
+                                              ("heads", True, "none"), ("full", False, "shared"),
+                                              ("qkv", False, "shared"), ("lora", False, "shared"),
+                                              ("alps", False, "shared"), ("no-attn", False, "shared")])
+def test_training_step(scope, train_o, kv):
     model = random_model(attn_implementation="eager").train()
     shape = Shape.from_config(model.config)
-    apply_scope(model, AttentionGeometry.from_config(model.config), scope, HEADS, train_o=train_o, lora_rank=4)
+    apply_scope(model, AttentionGeometry.from_config(model.config), scope, HEADS, train_o=train_o, lora_rank=4,
+                kv_scope=kv)
     batch, batches, labelled = batch_and_counts()
     got = counted(lambda: ResponseLoss(model)(**batch).backward())
-    assert got == train_step(shape, batches, labelled, trainable_for(scope, shape, HEADS, train_o, lora_rank=4))
+    assert got == train_step(shape, batches, labelled,
+                             trainable_for(scope, shape, HEADS, train_o, lora_rank=4, kv_scope=kv))
 
 
 def test_heads_step_cost_grows_with_the_depth_of_backward():

@@ -43,15 +43,16 @@ def quick_train(model, out_dir, steps: int = 3):
     return train(model, random_data(), pad_id=0, config=cfg, out_dir=out_dir, progress=False)
 
 
-def slices(geom: AttentionGeometry, heads, train_o: bool) -> dict[str, list[tuple[int, slice]]]:
+def slices(geom: AttentionGeometry, heads, train_o: bool, kv: str = "shared") -> dict[str, list[tuple[int, slice]]]:
     """state_dict key -> [(dim, slice)] blocks that the heads scope trains."""
     out: dict[str, list[tuple[int, slice]]] = {}
     for layer, h in heads:
         pre = f"model.layers.{layer}.self_attn."
         g = geom.kv_group(h)
         out.setdefault(pre + "q_proj.weight", []).append((0, geom.q_rows(h)))
-        out.setdefault(pre + "k_proj.weight", []).append((0, geom.kv_rows(g)))
-        out.setdefault(pre + "v_proj.weight", []).append((0, geom.kv_rows(g)))
+        if kv == "shared":
+            out.setdefault(pre + "k_proj.weight", []).append((0, geom.kv_rows(g)))
+            out.setdefault(pre + "v_proj.weight", []).append((0, geom.kv_rows(g)))
         if train_o:
             out.setdefault(pre + "o_proj.weight", []).append((1, geom.q_rows(h)))
     return out
@@ -72,28 +73,29 @@ def may_change(key: str, shape, scope: str, blocks) -> torch.Tensor:
     return mask
 
 
-def expected_trainable(scope: str, train_o: bool, total: int) -> int:
-    n_groups = len({(layer, h // 4) for layer, h in HEADS})
+def expected_trainable(scope: str, train_o: bool, total: int, kv: str = "shared") -> int:
+    n_groups = len({(layer, h // 4) for layer, h in HEADS}) if kv == "shared" else 0
     heads = len(HEADS) * HD * D + n_groups * 2 * HD * D + (len(HEADS) * HD * D if train_o else 0)
     attn = 3 * (D * D + 2 * 16 * D + D * D)
     return {"heads": heads, "full": total, "no-attn": total - attn, "alps": total - attn + heads,
             "qkv": 3 * (D * D + 2 * 16 * D), "lora": 3 * LORA_RANK * ((D + D) + 2 * (D + 16))}[scope]
 
 
-CASES = [("heads", False), ("heads", True), ("alps", False), ("full", False), ("no-attn", False), ("qkv", False),
-         ("lora", False)]
+CASES = [("heads", False, "shared"), ("heads", True, "shared"), ("heads", True, "none"), ("alps", False, "shared"),
+         ("full", False, "shared"), ("no-attn", False, "shared"), ("qkv", False, "shared"), ("lora", False, "shared")]
 
 
-@pytest.mark.parametrize("scope,train_o", CASES, ids=[s + ("+o" if o else "") for s, o in CASES])
-def test_scope_trains_exactly_its_slices(tmp_path, scope, train_o):
+@pytest.mark.parametrize("scope,train_o,kv", CASES,
+                         ids=[s + ("+o" if o else "") + ("-kv" if kv == "none" else "") for s, o, kv in CASES])
+def test_scope_trains_exactly_its_slices(tmp_path, scope, train_o, kv):
     model = tiny_model()
     geom = AttentionGeometry.from_config(model.config)
     before = copy.deepcopy(model.state_dict())
-    info = apply_scope(model, geom, scope, HEADS, train_o=train_o, lora_rank=LORA_RANK)
+    info = apply_scope(model, geom, scope, HEADS, train_o=train_o, lora_rank=LORA_RANK, kv_scope=kv)
 
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert info.trainable_params == sum(p.numel() for p in trainable.values())
-    assert info.trainable_params == expected_trainable(scope, train_o, info.total_params)
+    assert info.trainable_params == expected_trainable(scope, train_o, info.total_params, kv)
 
     quick_train(model, tmp_path)
 
@@ -108,7 +110,7 @@ def test_scope_trains_exactly_its_slices(tmp_path, scope, train_o):
         sorted(tuple(p.shape) for p in trainable.values())
 
     # the effective weights changed exactly where the scope allows, and everywhere it trains
-    blocks = slices(geom, HEADS, train_o)
+    blocks = slices(geom, HEADS, train_o, kv)
     merged = merge_deltas(copy.deepcopy(model)).state_dict()
     assert set(merged) == set(before)
     for key, w0 in before.items():
