@@ -76,7 +76,12 @@ def localize(out: str, **kw) -> None:
     """Score every attention head with ALPS and write heads.json, head_scores.npy, heads.png."""
     from p2d.pipelines.localize import localize as run_localize
 
-    timings = run_localize(localize_config(kw), out)
+    from p2d.io import locked_dir
+
+    cfg = localize_config(kw)
+    cfg.validate()
+    with locked_dir(out):
+        timings = run_localize(cfg, out)
     console.print(f"proxy {timings['proxy_seconds']:.1f}s, scoring {timings['localize_seconds']:.1f}s -> {out}/heads.json")
 
 
@@ -135,7 +140,12 @@ def mine(out: str, **kw) -> None:
 
     import os
 
-    mine_pool(MineConfig(**kw), out)
+    from p2d.io import locked_dir
+
+    cfg = MineConfig(**kw)
+    cfg.validate()
+    with locked_dir(out):
+        mine_pool(cfg, out)
     if os.environ.get("RANK", "0") == "0":
         console.print(f"-> {out}/selected.jsonl")
 
@@ -194,6 +204,7 @@ SCOPE_HELP = ("heads: only the selected heads' q rows and their KV groups' k/v r
               help="shared: also train the heads' KV groups (k/v rows other query heads read too); none: query "
                    "rows only, so 10%% of heads stays 10%% under heavy GQA.")
 @click.option("--lora-rank", default=128)
+@click.option("--overwrite", is_flag=True, help="Discard a checkpoint in --out that another run (other data or options) wrote.")
 @click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
 @train_options
 @click.option("--seed", default=0)
@@ -203,9 +214,14 @@ def train(out: str, **kw) -> None:
     """Train one model in a scope; write a merged HF checkpoint (DIR/model) and the delta adapter (DIR/adapter)."""
     from p2d.pipelines.train import TrainRunConfig, train_model
 
+    from p2d.io import locked_dir
+
     cfg = train_config(kw)
     kw.pop("seed")
-    summary = train_model(TrainRunConfig(train=cfg, **kw), out)
+    run_cfg = TrainRunConfig(train=cfg, **kw)
+    run_cfg.validate()
+    with locked_dir(out):
+        summary = train_model(run_cfg, out)
     console.print(f"{summary['steps']} steps in {summary['seconds']:.1f}s ({summary['tokens_per_s']:.0f} tokens/s), "
                   f"final loss {summary['final_loss']:.4f} -> {out}/model")
 
@@ -245,9 +261,14 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
 
     tcfg = train_config(kw)
     proxy = ProxyConfig(samples=kw.pop("proxy_samples"), steps=kw.pop("proxy_steps"), seed=kw["seed"])
+    from p2d.io import locked_dir
+
     reference = ReferenceConfig(steps=kw.pop("reference_steps"), seed=kw["seed"])
-    run_pipeline(RunConfig(train=tcfg, proxy=proxy, reference=reference, **kw), out or f"runs/{kw['domain']}",
-                 from_stage)
+    cfg = RunConfig(train=tcfg, proxy=proxy, reference=reference, **kw)
+    cfg.validate()
+    out = out or f"runs/{kw['domain']}"
+    with locked_dir(out):
+        run_pipeline(cfg, out, from_stage)
 
 
 @main.command()

@@ -181,6 +181,8 @@ def export_subset(out_dir: str | Path, examples: list[Example], result, source_f
     config = {**(axolotl or {}), "datasets": [axolotl_dataset(schema, str(paths["selected.jsonl"].resolve()))]}
     head = "# axolotl train axolotl.yaml  (written by p2d mine; unfrozen_parameters train the selected heads' rows)\n"
     write_text(paths["axolotl.yaml"], head + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    if not parquet:
+        (out / "selected.parquet").unlink(missing_ok=True)  # an earlier run's, which this selection would contradict
     if parquet:
         import pyarrow as pa
         import pyarrow.parquet as pq

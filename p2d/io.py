@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from p2d import P2DError
+
+LOCK = ".p2d.lock"
+# what atomic_path / atomic_dir leave behind when killed: ".NAME.<8 chars>.tmp" files, ".NAME.<8 chars>" dirs
+_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}(\.tmp)?$")
 
 
 @contextlib.contextmanager
@@ -78,3 +87,49 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+@contextlib.contextmanager
+def locked_dir(path: str | os.PathLike, option: str = "--out") -> Iterator[Path]:
+    """Hold PATH/.p2d.lock while a command writes there; clear temp files that killed writes left.
+
+    A second p2d command into the same directory refuses at once, naming the process that holds
+    it. The lock is an flock, so a killed holder releases it. Under a multi-process launcher only
+    rank 0 takes it. A directory that cannot be created or written is an error naming `option`.
+    """
+    path = Path(path)
+    if os.environ.get("RANK", "0") != "0":
+        yield path
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK, "a+", encoding="utf-8")
+    except OSError as e:
+        raise P2DError(f"{option} {path}: cannot write there ({e.strerror or e})") from e
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise P2DError(f"{option} {path} is in use by another p2d command ({handle.read().strip() or 'unknown'}); "
+                           f"wait for it to finish or use another {option}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}: p2d {' '.join(sys.argv[1:])}\n")
+        handle.flush()
+        remove_stale_temps(path)
+        yield path
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the temp files and directories of atomic writes that were killed (the lock holder calls it)."""
+    removed = []
+    for root, dirs, files in os.walk(path):
+        for name in [d for d in dirs if _TEMP.match(d)]:
+            shutil.rmtree(Path(root) / name, ignore_errors=True)
+            dirs.remove(name)
+            removed.append(Path(root) / name)
+        for name in [f for f in files if _TEMP.match(f)]:
+            (Path(root) / name).unlink(missing_ok=True)
+            removed.append(Path(root) / name)
+    return removed

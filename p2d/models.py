@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -99,6 +100,15 @@ def resolve_model(spec: str | os.PathLike | None) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(gguf, out)
     return str(out)
+
+
+def model_digest(spec: str | os.PathLike | None) -> str:
+    """What identifies a model's weights cheaply: its resolved path and every file's size and mtime."""
+    path = Path(resolve_model(spec))
+    if not path.is_dir():
+        return str(spec)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+    return hashlib.sha256(json.dumps([str(path), files]).encode()).hexdigest()[:16]
 
 
 def load_config(spec: str | os.PathLike | None):

@@ -356,8 +356,13 @@ def time_steps(model: nn.Module, data: list[Tokenized], pad_id: int, config: Tra
 
 
 def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainConfig,
-          out_dir: str | os.PathLike, progress: bool = True) -> TrainResult:
+          out_dir: str | os.PathLike, progress: bool = True, run_key: str | None = None,
+          overwrite: bool = False) -> TrainResult:
     """Train the model's trainable parameters on `data`; resumes from out_dir/checkpoint if present.
+
+    `run_key` names what is being trained (data, model, options): a checkpoint written under
+    another key is never resumed (its weights would belong to another run); it is an error, or
+    with `overwrite` it is discarded. DeepSpeed's pickled checkpoints load only under a matching key.
 
     The loss is the mean cross-entropy over response tokens of each whole optimizer step (all
     micro-batches and ranks). A model prepared by p2d.masking.apply_scope also gets its trained
@@ -379,9 +384,20 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
         raise P2DError(f"DeepSpeed reports {run.world} ranks but WORLD_SIZE says {world}")
 
     state = {"step": 0, "losses": [], "tokens": 0, "seconds": 0.0, "total_steps": total, "step_seconds": [],
-             "step_positions": []}
+             "step_positions": [], "run_key": run_key}
     resumed_from = None
     ckpt = _latest_checkpoint(out_dir)
+    if ckpt is not None and run_key is not None:
+        theirs = json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("run_key")
+        if theirs != run_key:
+            if not overwrite:
+                raise P2DError(f"{ckpt} is a checkpoint of another run (other data, model or options); pass "
+                               "--overwrite to discard it, or use another --out")
+            if run.rank == 0:
+                for path in (out_dir / CHECKPOINT, out_dir / f".{CHECKPOINT}.old"):
+                    shutil.rmtree(path, ignore_errors=True)
+            run.barrier()
+            ckpt = None
     if ckpt is not None:
         state = run.load(ckpt)
         state.setdefault("step_seconds", [])  # checkpoints written before per-step records

@@ -12,7 +12,7 @@ from rich.console import Console
 from p2d import P2DError
 from p2d.geometry import AttentionGeometry
 from p2d.io import write_json
-from p2d.models import DEFAULT_MODEL, load_model, save_model
+from p2d.models import DEFAULT_MODEL, load_model
 from p2d.trainer import TrainConfig
 
 console = Console(stderr=True)
@@ -34,6 +34,7 @@ class TrainRunConfig:
     scope: str = "heads"
     train_o: bool = False
     kv_scope: str = "shared"  # none: train only the heads' query rows (and o columns), never a shared KV group
+    overwrite: bool = False  # discard a checkpoint in out_dir that another run wrote
     lora_rank: int = 128
     fields: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -70,10 +71,25 @@ def check_train_options(scope: str, t: TrainConfig, kv_scope: str = "shared") ->
         raise P2DError(f"--save-every must be positive, got {t.save_every}")
 
 
+def run_key(cfg: TrainRunConfig, heads, data) -> str:
+    """What a checkpoint must have been trained on to be resumed: model, tokenized data, heads and options."""
+    import hashlib
+    import json
+
+    from p2d.features import fingerprint
+    from p2d.models import model_digest
+
+    options = {k: v for k, v in asdict(cfg.train).items() if k not in ("save_every", "log_every", "deepspeed")}
+    blob = {"model": model_digest(cfg.model), "data": fingerprint(data), "heads": heads, "scope": cfg.scope,
+            "kv_scope": cfg.kv_scope, "train_o": cfg.train_o, "lora_rank": cfg.lora_rank, "train": options,
+            "deepspeed": cfg.train.deepspeed is not None}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train, then write out_dir/model (merged), out_dir/adapter (head scopes) and out_dir/train.json."""
     from p2d.data import load_examples
-    from p2d.masking import apply_scope, merge_adapter, merge_deltas
+    from p2d.masking import apply_scope, merge_adapter
     from p2d.selection import read_heads_json
     from p2d.tokens import tokenize
     from p2d.trainer import train
@@ -89,12 +105,11 @@ def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True)
     console.print(f"[bold]train[/] scope {cfg.scope}: {info.trainable_params:,} of {info.total_params:,} "
                   f"parameters trainable ({info.trainable_params / info.total_params:.2%}), {len(examples)} samples")
     data = tokenize(examples, tok, cfg.train.max_length)
-    result = train(model, data, tok.pad_token_id, cfg.train, out_dir, progress=progress)  # adapter -> out_dir/adapter
+    result = train(model, data, tok.pad_token_id, cfg.train, out_dir, progress=progress,  # adapter -> out_dir/adapter
+                   run_key=run_key(cfg, heads, data), overwrite=cfg.overwrite)
     if cfg.heads and (out_dir / "adapter").is_dir():
         shutil.copyfile(cfg.heads, out_dir / "adapter" / "heads.json")
-    if cfg.train.deepspeed is None:
-        save_model(merge_deltas(model), tok, out_dir / "model")
-    elif _rank() == 0:  # ZeRO leaves the in-memory model partitioned: merge the gathered adapter instead
+    if _rank() == 0:  # one path for every backend: the base (fp32) plus the trained tensors, saved in the base's dtype
         merge_adapter(cfg.model, out_dir / "adapter", out_dir / "model")
     summary = {"model": cfg.model, "data": cfg.data, "samples": len(data), "scope": cfg.scope,
                "heads": cfg.heads, "trainable_params": info.trainable_params, "total_params": info.total_params,

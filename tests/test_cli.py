@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import math
 import zipfile
 import subprocess
@@ -218,6 +219,48 @@ def test_train_merged_checkpoint_loads_without_p2d(tiny_model, localized, mined,
     assert changed == {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
                        "model.layers.1.self_attn.v_proj.weight", "model.layers.3.self_attn.q_proj.weight",
                        "model.layers.3.self_attn.k_proj.weight", "model.layers.3.self_attn.v_proj.weight"}
+
+
+def test_train_never_resumes_another_runs_checkpoint(tiny_model, localized, mined, small_pool, tmp_path):
+    """Same --out, other data or lr: not the old model under the new train.json, but an error or a fresh run."""
+    common = ("train", "--model", tiny_model, "--heads", localized / "heads.json", "--scope", "heads",
+              "--max-steps", 2, "--out", tmp_path)
+    p2d(*common, "--data", mined / "selected.jsonl", "--lr", 1e-2)
+    first = (tmp_path / "model" / "model.safetensors").read_bytes()
+    for change in (("--data", small_pool, "--lr", 1e-2), ("--data", mined / "selected.jsonl", "--lr", 5e-3)):
+        r = p2d(*common, *change, ok=False)
+        assert r.exit_code == 2 and "another run" in r.output and "--overwrite" in r.output
+        assert (tmp_path / "model" / "model.safetensors").read_bytes() == first  # nothing already written is lost
+    p2d(*common, "--data", small_pool, "--lr", 1e-2, "--overwrite")
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() != first
+    assert json.loads((tmp_path / "train.json").read_text())["data"] == str(small_pool)
+    p2d(*common, "--data", small_pool, "--lr", 1e-2)  # the same run again: resumes its own checkpoint
+
+
+def test_busy_output_directory_is_refused(tiny_model, localized, small_pool, tmp_path):
+    from p2d.io import locked_dir
+
+    with locked_dir(tmp_path):
+        (tmp_path / "sub").mkdir()
+        stale = tmp_path / "sub" / ".selected.jsonl.abcd_123.tmp"  # as a killed atomic write leaves it
+        stale.write_text("half a file")
+        r = p2d("mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool,
+                "--domain", "code", "--out", tmp_path, ok=False)
+        assert r.exit_code == 2 and "in use by another p2d command" in r.output and f"pid {os.getpid()}" in r.output
+    assert stale.exists()
+    p2d("mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool, "--domain", "code",
+        "--parquet", "--out", tmp_path)
+    assert not stale.exists() and (tmp_path / "selected.parquet").is_file()  # a killed write's temp file is gone
+    p2d("mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool, "--domain", "code",
+        "--out", tmp_path)
+    assert not (tmp_path / "selected.parquet").exists()  # not this run's output: removed, not left stale
+
+
+def test_out_that_cannot_be_written_fails_first(tiny_model, localized, small_pool, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = p2d("mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool,
+            "--domain", "code", "--out", tmp_path / "file" / "out", ok=False)
+    assert r.exit_code == 2 and "--out" in r.output and "cannot write" in r.output
 
 
 def test_train_needs_heads_for_head_scope(tiny_model, small_pool, tmp_path):
