@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -133,3 +134,22 @@ def remove_stale_temps(path: Path) -> list[Path]:
             (Path(root) / name).unlink(missing_ok=True)
             removed.append(Path(root) / name)
     return removed
+
+
+def input_digest(spec: str | os.PathLike | None) -> str | None:
+    """What a cache key needs of an input: a file's content hash, a directory's listing (name, size,
+    mtime), or the spec itself for what is not a local path (a hub id, p2d:default)."""
+    if spec is None:
+        return None
+    path = Path(spec)
+    if path.is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return "sha256:" + h.hexdigest()
+    if path.is_dir():
+        files = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                       for f in path.rglob("*") if f.is_file())
+        return "dir:" + hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    return str(spec)

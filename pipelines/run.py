@@ -99,14 +99,28 @@ class RunConfig:
 
 
 def _stage_options(cfg: RunConfig) -> dict[str, dict]:
+    """Each stage's cache key: its options plus digests of what its inputs resolve to here (content, not names)."""
+    from p2d.io import input_digest
+    from p2d.models import model_digest
+    from p2d.pipelines.localize import proxy_source
+    from p2d.pipelines.mine import target_source
+
     d = asdict(cfg)
+    d["inputs"] = {"model": model_digest(cfg.model), "task_model": cfg.task_model and model_digest(cfg.task_model),
+                   "proxy_data": None if cfg.task_model else input_digest(proxy_source(cfg.localize_config())),
+                   "pool": input_digest(cfg.pool),
+                   "target": input_digest(target_source(cfg.mine_config(""))) if (cfg.target or cfg.domain) else None}
+    inputs = d["inputs"]
     return {
-        "proxy": {k: d[k] for k in ("domain", "model", "task_model", "proxy_data", "proxy")},
+        "proxy": {k: d[k] for k in ("domain", "model", "task_model", "proxy_data", "proxy")}
+        | {"inputs": {k: inputs[k] for k in ("model", "task_model", "proxy_data")}},
         "localize": {k: d[k] for k in ("head_frac", "metric", "head_method", "seed")},
         "mine": {k: d[k] for k in ("pool", "target", "data_frac", "mining_heads", "mining_max_layer", "head_report",
-                                   "quality", "selector", "diversity", "mine_max_length")},
+                                   "quality", "selector", "diversity", "mine_max_length")}
+        | {"inputs": {k: inputs[k] for k in ("pool", "target")}},
         "train": {k: d[k] for k in ("scope", "kv_scope", "train")},
-        "reference": {k: d[k] for k in ("pool", "model", "train", "reference", "measure_reference")},
+        "reference": {k: d[k] for k in ("pool", "model", "train", "reference", "measure_reference")}
+        | {"inputs": {k: inputs[k] for k in ("pool", "model")}},
     }
 
 
@@ -115,7 +129,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     if from_stage is not None and from_stage not in STAGE_ORDER:
         raise P2DError(f"--from-stage must be one of {', '.join(STAGE_ORDER)}, got {from_stage!r}")
     cfg.validate()
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # stage summaries hold absolute paths: a rerun from elsewhere finds them
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "run.json", {"config": asdict(cfg)})
     model_cfg, lengths = scan_pool(cfg.model, cfg.pool)

@@ -74,6 +74,27 @@ def test_changed_option_reruns_from_that_stage(finished, tiny_model, small_pool)
     assert json.loads((run / "train" / "train.json").read_text())["scope"] == "alps"
 
 
+def test_pool_edited_in_place_reruns_mining(tiny_model, small_pool, tmp_path, monkeypatch):
+    """Same options, other bytes: the cache key holds the pool's content, so mining and later stages rerun;
+    the proxy (another input) is reused, also from another working directory."""
+    import shutil
+
+    pool = tmp_path / "pool.jsonl"
+    shutil.copyfile(small_pool, pool)
+    run = tmp_path / "run"
+    cfg = config(tiny_model, pool, proxy_data=str(small_pool))
+    run_pipeline(cfg, run, progress=False)
+    proxy, mine = stage_state(run, "proxy"), stage_state(run, "mine")
+    rows = pool.read_text().splitlines()
+    pool.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # same rows, another order: another selection input
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run_pipeline(cfg, run, progress=False)
+    assert stage_state(run, "proxy") == proxy
+    assert stage_state(run, "mine")["fingerprint"] != mine["fingerprint"]
+
+
 def test_killed_training_resumes(tiny_model, small_pool, tmp_path, monkeypatch):
     from p2d import trainer
 
