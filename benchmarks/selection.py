@@ -13,7 +13,8 @@ and as the whole function; p2d's generated word problems).
 
 Selections are made with p2d.mining.mine, each as `p2d mine --selector S` makes it at its
 defaults: `p2d` (the default), `p2d-div` (`--diversity facility`: the same scores, then facility
-location over the top 2x; read off the p2d run), `p2d-paper` (the same ALPS-head affinity, no quality signal: read
+location over the top 2x; read off the p2d run), `p2d-divq` (`--diversity facility-quality`: the
+same without the shortlist's worst third by IFD), `p2d-paper` (the same ALPS-head affinity, no quality signal: read
 off the p2d run, which computes exactly it), `rds`, `ifd`, and `random` (3 seeds). `random-tok`
 draws random rows until it holds as many tokens as p2d's subset (the equal-token comparison).
 Each subset is trained as `p2d train` trains it by default (heads scope, its lr and epochs), with
@@ -48,7 +49,7 @@ from p2d.evaluate import gsm8k_examples, gsm8k_rows, humaneval_examples, humanev
 from p2d.geometry import AttentionGeometry  # noqa: E402
 from p2d.io import read_json, write_json  # noqa: E402
 from p2d.masking import apply_scope  # noqa: E402
-from p2d.mining import combine, diversify, mine, select  # noqa: E402
+from p2d.mining import combine, diversify, mine, select, worst_third  # noqa: E402
 from p2d.models import load_model  # noqa: E402
 from p2d.pipelines.mine import MineConfig  # noqa: E402
 from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_LR  # noqa: E402
@@ -61,12 +62,14 @@ PROXY_ROWS = 64  # `p2d localize` trains its proxy on the first 64 rows of the c
 POOL = dict(codealpaca=250, stdlib=100, gsm8k=250, generated=100, general=200, corrupt_code=50, corrupt_math=50)
 QUICK_POOL = dict(codealpaca=10, stdlib=4, gsm8k=10, generated=4, general=8, corrupt_code=2, corrupt_math=2)
 IN_DOMAIN = {"code": ("codealpaca", "stdlib"), "math": ("gsm8k", "generated")}
-SELECTIONS = ("p2d", "p2d-div", "p2d-paper", "rds", "ifd", "random", "random-tok")
-SEEDED = {"p2d", "p2d-div", "random"}  # the others: seed 0 only (CPU time)
-DEFAULT_CELLS = ["p2d/heads", "random/heads", "rds/heads", "p2d-div/heads", "p2d-paper/heads", "random-tok/heads", "p2d/full",
+SELECTIONS = ("p2d", "p2d-div", "p2d-divq", "p2d-paper", "rds", "ifd", "random", "random-tok")
+SEEDED = {"p2d", "p2d-div", "p2d-divq", "random"}  # the others: seed 0 only (CPU time)
+DEFAULT_CELLS = ["p2d/heads", "random/heads", "rds/heads", "p2d-div/heads", "p2d-divq/heads", "p2d-paper/heads",
+                 "random-tok/heads", "p2d/full",
                  "random/full", "ifd/heads"]
 # run order: the core comparison first (every domain, seed by seed), then the checks
-TIER = {"p2d/heads": 0, "random/heads": 0, "rds/heads": 0, "p2d-div/heads": 0, "p2d-paper/heads": 1, "random-tok/heads": 1,
+TIER = {"p2d/heads": 0, "random/heads": 0, "rds/heads": 0, "p2d-div/heads": 0, "p2d-divq/heads": 0,
+        "p2d-paper/heads": 1, "random-tok/heads": 1,
         "p2d/full": 2, "random/full": 2, "ifd/heads": 3}
 TRAIN = dict(batch_size=4, max_length=256, save_every=1000)
 EVAL_MAX_LENGTH = 512
@@ -156,6 +159,12 @@ def mine_selections(domain: str, model, tok, pool: list[Example], target: list[E
         t0 = time.perf_counter()
         _, sel = select(res.ids, diversify(res.ids, res.score, res.features, math.ceil(frac * len(pool))), frac)
         out["p2d-div"] = {"ids": _ids(res.ids, sel), "seconds": out["p2d"]["seconds"] + time.perf_counter() - t0}
+    if "p2d-divq" in todo:  # mine(diversity="facility-quality"): the same, the shortlist's worst third by IFD left out
+        t0 = time.perf_counter()
+        excluded = worst_third(res.quality, cfg.quality)
+        _, sel = select(res.ids, diversify(res.ids, res.score, res.features, math.ceil(frac * len(pool)), excluded),
+                        frac)
+        out["p2d-divq"] = {"ids": _ids(res.ids, sel), "seconds": out["p2d"]["seconds"] + time.perf_counter() - t0}
     for name in [n for n in ("rds", "ifd") if n in todo]:  # rds/ifd pool features are the same for every domain
         t0 = time.perf_counter()
         r = mine(model, pool_t, target_t, selector=name, store_dir=store / name, **kw)
@@ -235,7 +244,7 @@ def summarize(res: dict) -> tuple[str, dict]:
 def _verdicts(groups: dict, sets: dict) -> list[str]:
     """Plain sentences: each p2d variant against each random seed and the other selectors, per held-out set."""
     out = []
-    for name in ("p2d/heads", "p2d-div/heads"):
+    for name in ("p2d/heads", "p2d-div/heads", "p2d-divq/heads"):
         if name in groups:
             out += _verdicts_of(name, groups, sets)
     return out or ["p2d/heads not run yet."]
@@ -316,11 +325,11 @@ def main() -> None:
     count = math.ceil(args.data_frac * len(pool))
     store = Path(tempfile.gettempdir()) / f"p2d-selection-store-{'quick' if args.quick else 'full'}"
     for d in args.domains:
-        todo = {k for k in ("p2d", "p2d-div", "p2d-paper", "rds", "ifd") if f"{d}/{k}" not in res["selections"]}
+        todo = {k for k in ("p2d", "p2d-div", "p2d-divq", "p2d-paper", "rds", "ifd") if f"{d}/{k}" not in res["selections"]}
         if todo:
             print(f"mining {d}: {', '.join(sorted(todo))}", flush=True)
             mined = mine_selections(d, model, tok, pool, to_examples(targets[d], f"{d}-target"), heads_paths[d],
-                                    args.data_frac, store, todo | ({"p2d"} if todo & {"p2d-paper", "p2d-div"} else set()))
+                                    args.data_frac, store, todo | ({"p2d"} if todo & {"p2d-paper", "p2d-div", "p2d-divq"} else set()))
             old = res["selections"].get(f"{d}/p2d")
             if old and old["ids"] != mined["p2d"]["ids"]:
                 raise P2DError(f"{d}: p2d's selection changed since {args.results} was made; use another --results")

@@ -101,9 +101,10 @@ def mine_options(f):
                      help="Quality signal folded into p2d's rank: ifd-rank (IFD within an affinity shortlist), nll "
                           "(base response loss), ifd (drop IFD >= 1), reducible (base minus proxy task-model loss on "
                           "the shortlist; needs the task model), or none."),
-        click.option("--diversity", type=click.Choice(["none", "facility"]), default="none",
+        click.option("--diversity", type=click.Choice(["none", "facility", "facility-quality"]), default="none",
                      help="facility: pick the subset that best covers (facility location over the selector's "
-                          "features) the top 2x candidates by score, instead of their top 1x."),
+                          "features) the top 2x candidates by score, instead of their top 1x; facility-quality: "
+                          "the same, never taking a candidate in the shortlist's worst third by the quality signal."),
         click.option("--selector", type=click.Choice(["p2d", "p2d-paper", "rds", "ifd", "random", "embedding-mid",
                                                       "embedding-last"]), default="p2d",
                      help="p2d (head affinity + quality), or a baseline: p2d-paper (head affinity alone), rds "

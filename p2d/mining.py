@@ -62,7 +62,7 @@ HEAD_SETS = ("alps", "random", "discriminative")
 IVF_ABOVE = 200_000
 MAX_PROTOTYPES = 16
 SEPARATION_SAMPLE = 256
-DIVERSITIES = ("none", "facility")
+DIVERSITIES = ("none", "facility", "facility-quality")
 NEIGHBORS = 32  # facility location's k-nearest-neighbour graph
 DIVERSE_POOL = 2  # facility location picks the subset from the top DIVERSE_POOL x subset-size by score
 
@@ -164,17 +164,29 @@ def ifd_score(ifd: np.ndarray) -> np.ndarray:
     return np.where(ifd_broken(ifd), -1.0, np.nan_to_num(ifd, nan=-1.0))
 
 
-def diversify(ids: list[str], score: np.ndarray, features: np.ndarray, count: int) -> np.ndarray:
+def diversify(ids: list[str], score: np.ndarray, features: np.ndarray, count: int,
+              excluded: np.ndarray | None = None) -> np.ndarray:
     """Scores whose top `count` are facility location's picks among the DIVERSE_POOL x count best.
 
-    The picks rank first, in greedy order (most coverage first); every other sample keeps its score
-    below them, so scores.csv still ranks the whole pool.
+    `excluded` rows never become candidates. The picks rank first, in greedy order (most coverage
+    first); every other sample keeps its score below them, so scores.csv still ranks the whole pool.
     """
-    cand = rank_order(ids, score)[: min(len(ids), DIVERSE_POOL * count)]
+    order = rank_order(ids, score)
+    if excluded is not None:
+        order = order[~excluded[order]]
+    cand = order[: min(len(order), DIVERSE_POOL * count)]
     picks = cand[facility_location(np.asarray(features[np.sort(cand)])[np.argsort(np.argsort(cand))], count)]
     out = np.asarray(score, dtype=np.float64).copy()
     out[picks] = out.max() + 1.0 + (count - np.arange(len(picks))) / count
     return out
+
+
+def worst_third(quality: np.ndarray, kind: str) -> np.ndarray:
+    """Rows whose shortlisted quality value is in the worst third of the shortlist (NaN: not shortlisted)."""
+    signed = SHORTLISTED[kind] * quality
+    listed = ~np.isnan(signed)
+    cut = np.quantile(signed[listed], 1 / 3) if listed.any() else np.inf
+    return listed & (signed < cut)
 
 
 def facility_location(features: np.ndarray, count: int, neighbors: int = NEIGHBORS) -> np.ndarray:
@@ -360,6 +372,10 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
         raise P2DError(f"unknown head set {head_set!r}; choose one of {', '.join(HEAD_SETS)}")
     if diversity not in DIVERSITIES:
         raise P2DError(f"unknown diversity {diversity!r}; choose one of {', '.join(DIVERSITIES)}")
+    if diversity == "facility-quality" and (quality not in SHORTLISTED or selector not in ("p2d", "embedding-mid",
+                                                                                          "embedding-last")):
+        raise P2DError(f"--diversity facility-quality needs a shortlisted quality signal ({', '.join(SHORTLISTED)}) "
+                       f"and a selector that folds it in (p2d, embedding-*)")
     if index not in ("auto", "flat", "ivf"):
         raise P2DError(f"unknown index {index!r}; choose auto, flat or ivf")
     if not pool:
@@ -451,9 +467,10 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
             qual[listed] = values
             summary["shortlist"] = int(len(listed))
         score = combine(aff, qual, quality_weight, quality)
-        if diversity == "facility":
-            score = diversify(ids, score, res.features, count)
-            summary["diversity"] = {"kind": "facility", "candidates": min(len(pool), DIVERSE_POOL * count),
+        if diversity != "none":
+            excluded = worst_third(qual, quality) if diversity == "facility-quality" else None
+            score = diversify(ids, score, res.features, count, excluded)
+            summary["diversity"] = {"kind": diversity, "candidates": min(len(pool), DIVERSE_POOL * count),
                                     "neighbors": NEIGHBORS}
     summary["timings"]["index_s"] = round(time.perf_counter() - t0, 3)
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import random_model
 from p2d import P2DError
-from p2d.mining import SHORTLIST, combine, diversify, facility_location, ifd_score, mine, shortlist
+from p2d.mining import SHORTLIST, combine, diversify, facility_location, ifd_score, mine, shortlist, worst_third
 from p2d.tokens import IGNORE, Tokenized
 
 VOCAB = 256
@@ -191,7 +191,19 @@ def test_diversity_takes_the_subset_from_more_than_the_top_cluster():
     assert np.array_equal(np.argsort(-diverse[rest]), np.argsort(-score[rest]))  # the others keep their order
 
 
+def test_worst_third_by_the_quality_signal_never_becomes_a_candidate():
+    ifd = np.array([np.nan, 0.2, 0.9, 0.5, 0.95, 0.3, np.nan])  # NaN: not shortlisted
+    assert worst_third(ifd, "ifd-rank").tolist() == [False, False, True, False, True, False, False]
+    x, label = blobs([4, 3], seed=2)
+    score = np.linspace(1, 0, 7)
+    picked = np.argsort(-diversify([f"r{i}" for i in range(7)], score, x, 2, worst_third(ifd, "ifd-rank")))[:2]
+    assert not set(picked) & {2, 4}
+
+
 def test_unknown_diversity_is_an_error():
     with pytest.raises(P2DError, match="diversity"):
         mine(random_model(VOCAB), *planted(2, 2)[:1], planted(2, 0)[0], data_frac=0.5, diversity="dpp",
              progress=False)
+    with pytest.raises(P2DError, match="facility-quality needs a shortlisted quality"):
+        mine(random_model(VOCAB), *planted(2, 2)[:1], planted(2, 0)[0], data_frac=0.5, quality="nll",
+             diversity="facility-quality", progress=False)
