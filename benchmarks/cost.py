@@ -1,16 +1,17 @@
 """End-to-end cost of `p2d run`: wall-clock per stage, AER and speedup, on the embedded and the real pools.
 
 Each configuration is one `p2d run` at its defaults (proxy 64 samples / 16 steps, ALPS top 10% of
-heads, nll mining of 10% of the pool, heads-scope training for one epoch); the reference is p2d's
-own full-data, full-parameter estimate (4 timed steps, extrapolated). Configurations:
+heads, ifd-rank mining of 10% of the pool, heads-scope training for 2 epochs); the reference is p2d's
+own full-data, full-parameter estimate for as many epochs (12 timed steps of its real plan). Configurations:
 `default` is the README's main job on the embedded 3,600-row pool; `real-code` and `real-math` mine
 the 1,200-row mixed pool of benchmarks/pools.py (real CodeAlpaca, GSM8K, Alpaca, Self-Instruct and
 swapped-answer code rows) for held-out CodeAlpaca or GSM8K targets, with the proxy on the same
 real dataset. `fast-code` is `real-code` with the cheapest mining p2d offers (discriminative heads
-from layers 0-9, early stop, no quality signal). Run directories are reused, so a finished
-configuration costs nothing to report again; pass --fresh to time it anew.
+from layers 0-9, early stop, no quality signal). `real-code-e1` / `-e3` train real-code's subset for 1 or 3
+epochs against a reference of as many epochs, reusing its earlier stages. Run directories are reused, so a
+finished configuration costs nothing to report again; pass --fresh to time it anew.
 
-    python benchmarks/cost.py --configs real-code real-math fast-code
+    python benchmarks/cost.py --configs real-code real-code-e1 real-code-e3 --eval-limit 0
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pools import default_data_root, domain_pool  # noqa: E402
 from p2d.data import load_records  # noqa: E402
 from p2d.io import write_jsonl  # noqa: E402
 from p2d.pipelines.run import RunConfig, run_pipeline  # noqa: E402
+from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_LR  # noqa: E402
+from p2d.trainer import TrainConfig  # noqa: E402
 
 PROXY_DATA = {"code": "code/code_alpaca_2k.json", "math": "math/gsm8k_train.jsonl"}
 CONFIGS = {
@@ -36,6 +39,10 @@ CONFIGS = {
     "real-code": dict(domain="code", real=True),
     "real-math": dict(domain="math", real=True),
     "fast-code": dict(domain="code", real=True, mining_heads="discriminative", mining_max_layer=9, quality="none"),
+    # the same run trained for 1 or 3 epochs (the reference counts as many): proxy, localize and mine are
+    # reused from real-code's directory with the cost they had there
+    "real-code-e1": dict(domain="code", real=True, epochs=1, base="real-code"),
+    "real-code-e3": dict(domain="code", real=True, epochs=3, base="real-code"),
 }
 STAGES = ("proxy", "localize", "mine", "train")
 
@@ -43,9 +50,14 @@ STAGES = ("proxy", "localize", "mine", "train")
 def run_config(name: str, out: Path, data_root: Path, fresh: bool, eval_limit: int) -> dict:
     opts = dict(CONFIGS[name])
     real = opts.pop("real", False)
+    epochs, base = opts.pop("epochs", DEFAULT_EPOCHS), opts.pop("base", None)
     run_dir = out / name
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
+    if base and not run_dir.exists():
+        if not (out / base).is_dir():
+            raise SystemExit(f"{name} reuses {base}'s stages: run --configs {base} first")
+        shutil.copytree(out / base, run_dir)
     labels = {}
     if real:
         pool, target = domain_pool(opts["domain"], data_root)
@@ -55,7 +67,8 @@ def run_config(name: str, out: Path, data_root: Path, fresh: bool, eval_limit: i
         write_jsonl(data / "target.jsonl", target)
         opts |= dict(pool=str(data / "pool.jsonl"), target=str(data / "target.jsonl"),
                      proxy_data=str(data_root / PROXY_DATA[opts["domain"]]))
-    cfg = RunConfig(**opts, evaluate=eval_limit > 0, eval_limit=eval_limit)
+    train = TrainConfig(lr=DEFAULT_LR["heads"], epochs=epochs, max_length=256)
+    cfg = RunConfig(**opts, train=train, evaluate=eval_limit > 0, eval_limit=eval_limit)
     t0 = time.perf_counter()
     report = run_pipeline(cfg, run_dir, progress=False)
     wall = time.perf_counter() - t0
@@ -66,15 +79,23 @@ def run_config(name: str, out: Path, data_root: Path, fresh: bool, eval_limit: i
 
 
 def markdown(results: list[dict]) -> str:
-    rows, sel_rows = [], []
+    rows, sel_rows, plan_rows = [], [], []
     for r in results:
         rep = r["report"]
         total = rep["total_seconds"]
-        row = {"config": r["name"], "domain": r["domain"], "pool": f"{rep['subset']['pool']:,}"}
+        ref = rep["reference"]
+        row = {"config": r["name"], "domain": r["domain"], "pool": f"{rep['subset']['pool']:,}",
+               "epochs": ref.get("epochs", "")}
         row |= {s: f"{rep['stages'][s]['seconds']:.0f} ({rep['stages'][s]['seconds'] / total:.0%})" for s in STAGES}
-        row |= {"P2D total s": f"{total:.0f}", "reference s": f"{rep['reference']['seconds']:.0f}",
-                "AER": f"{rep['aer']:.3f}", "speedup": f"{rep['speedup']:.1f}×"}
+        interval = f" ({ref['interval'][0]:.0f}–{ref['interval'][1]:.0f})" if "interval" in ref else ""
+        row |= {"P2D total s": f"{total:.0f}", "reference s": f"{ref['seconds']:.0f}{interval}",
+                "AER": f"{rep['aer']:.3f}", "speedup": f"{rep['speedup']:.1f}×",
+                "speedup by FLOPs": f"{1 / rep['aer_flops']:.1f}×" if "aer_flops" in rep else ""}
         rows.append(row)
+        if "planned_seconds" in rep["stages"]["mine"]:
+            plan_rows.append({"config": r["name"], **{s: f"{rep['stages'][s]['planned_seconds'] / rep['stages'][s]['seconds']:.2f}"
+                                                      for s in STAGES if rep["stages"][s]["seconds"] > 0},
+                              "reference": f"{ref['planned_seconds'] / ref['seconds']:.2f}"})
         if r["selected_labels"]:
             n = sum(r["selected_labels"].values())
             sel_rows.append({"config": r["name"], "selected": n,
@@ -90,11 +111,17 @@ def markdown(results: list[dict]) -> str:
     labels = sorted({k for r in sel_rows for k in r} - {"config", "selected"})
     lines = [
         "Stage seconds (share of P2D's total). The reference is full-data, full-parameter training for the same "
-        "epochs, extrapolated by `p2d run` from 4 timed steps; AER = P2D total / reference.",
+        "epochs, estimated by `p2d run` from 12 timed steps of its real plan (90% interval in brackets; its accuracy "
+        "against measured epochs is in the reference check); AER = P2D total / reference. Speedup by FLOPs: the "
+        "same ratio in matmul FLOPs of what ran (p2d.flops).",
         "",
-        table(rows, ["config", "domain", "pool", *STAGES, "P2D total s", "reference s", "AER", "speedup"]),
+        table(rows, ["config", "domain", "pool", "epochs", *STAGES, "P2D total s", "reference s", "AER", "speedup",
+                     "speedup by FLOPs"]),
         "",
     ]
+    if plan_rows:
+        lines += ["`p2d plan`'s prediction ÷ the measured seconds, per stage (the plan `p2d run` printed first; "
+                  "target: within 0.8–1.2):", "", table(plan_rows, ["config", *STAGES, "reference"]), ""]
     if sel_rows:
         lines += ["What the real-pool runs selected (label shares; `corrupt` = code rows with another row's answer):",
                   "", table(sel_rows, ["config", "selected", *labels]), ""]
