@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
 
 import click
@@ -269,7 +270,7 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
     cfg.validate()
     out = out or f"runs/{kw['domain']}"
     with locked_dir(out):
-        run_pipeline(cfg, out, from_stage)
+        run_pipeline(cfg, out, from_stage, command="p2d " + shlex.join(sys.argv[1:]))
 
 
 @main.command()

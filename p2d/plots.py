@@ -61,3 +61,24 @@ def plot_aer(report: dict, path: str | os.PathLike) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def plot_losses(log: list[dict], path: str | os.PathLike, title: str = "training loss") -> None:
+    """Loss per optimizer step (from train_log.jsonl), with the learning rate on a second axis."""
+    from matplotlib.figure import Figure
+
+    from p2d.io import atomic_path
+
+    fig = Figure(figsize=(6.0, 3.0), dpi=120)
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in log]
+    ax.plot(steps, [r["loss"] for r in log], color="#1f77b4", linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("response loss (nats/token)")
+    lr = ax.twinx()
+    lr.plot(steps, [r["lr"] for r in log], color="#ff7f0e", linewidth=0.8, alpha=0.6)
+    lr.set_ylabel("learning rate", color="#ff7f0e")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")

@@ -30,6 +30,7 @@ from p2d.models import default_device, default_dtype
 from p2d.tokens import IGNORE, Tokenized, collate, length_batches
 
 CHECKPOINT = "checkpoint"
+LOG = "train_log.jsonl"  # one line per optimizer step: step, epoch, loss, lr, tokens, seconds
 
 
 @dataclass
@@ -179,6 +180,17 @@ def step_plan(lengths: list[int], config: TrainConfig, epoch: int, world: int = 
             mine = g[rank::world]
             plan.append([mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)])
     return plan
+
+
+def _open_log(path: Path, step: int):
+    """The per-step log, opened for appending after dropping lines past `step` (a resume's checkpoint)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if path.is_file() and step > 0:
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return open(path, "a", encoding="utf-8")
 
 
 def _latest_checkpoint(out_dir: Path) -> Path | None:
@@ -409,6 +421,8 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    log = _open_log(out_dir / LOG, state["step"]) if run.rank == 0 else None
+
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
                    TimeRemainingColumn(), disable=not progress or run.rank != 0)
@@ -433,11 +447,18 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
             state["step_positions"].append(int(positions))
             state["losses"].append(loss)
             state["step"] = step + 1
+            if log is not None:
+                log.write(json.dumps({"step": state["step"], "epoch": epoch, "loss": loss,
+                                      "lr": run.scheduler.get_last_lr()[0], "tokens": int(tokens),
+                                      "seconds": dt, "tokens_per_s": tokens / max(dt, 1e-9)}) + "\n")
+                log.flush()
             if state["step"] % config.log_every == 0 or state["step"] == total:
                 bar.update(task, completed=state["step"], loss=f"{loss:.4f}",
                            tps=f"{state['tokens'] / max(state['seconds'], 1e-9):.0f}")
             if state["step"] % config.save_every == 0 or state["step"] == total:
                 run.save(out_dir, state)
+    if log is not None:
+        log.close()
     if getattr(model, "p2d_scope", None) is not None:
         trained = run.trained_state()
         if run.rank == 0:

@@ -124,8 +124,9 @@ def _stage_options(cfg: RunConfig) -> dict[str, dict]:
     }
 
 
-def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = None, progress: bool = True) -> dict:
-    """Run (or resume) every stage in `run_dir`; returns the AER report."""
+def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = None, progress: bool = True,
+                 command: str | None = None) -> dict:
+    """Run (or resume) every stage in `run_dir`; returns the AER report. `command`: the CLI line, for report.md."""
     if from_stage is not None and from_stage not in STAGE_ORDER:
         raise P2DError(f"--from-stage must be one of {', '.join(STAGE_ORDER)}, got {from_stage!r}")
     cfg.validate()
@@ -176,6 +177,9 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     report["subset"] = {"selected": mined["counts"]["selected"], "pool": mined["counts"]["pool"], "path": subset}
     report["heads"] = {"selected": len(read_json(heads)["selected"]), "path": heads}
     report["trainable_params"] = trained["trainable_params"]
+    report["outputs"] = {"subset": subset, "heads": heads, **trained.get("outputs", {}),
+                         "plan": str(run_dir / "plan.json"), "aer": str(run_dir / "aer.json")}
+    report["command"] = command
     if cfg.evaluate:
         report["eval"] = _evaluate(cfg, run_dir)
     write_aer(run_dir, report)
@@ -222,8 +226,9 @@ def _report_md(cfg: RunConfig, report: dict, run_dir: Path) -> str:
     lines = [
         f"# p2d run: domain {cfg.domain}",
         "",
-        f"`p2d run --domain {cfg.domain} --data-frac {cfg.data_frac} --head-frac {cfg.head_frac}` "
-        f"on model `{cfg.model}`, pool `{cfg.pool}`.",
+        f"`{report['command']}`" if report.get("command") else "(run from Python: `p2d.pipelines.run.run_pipeline`)",
+        "",
+        f"Model `{cfg.model}`, pool `{cfg.pool}`; the whole configuration is in `run.json`.",
         "",
         f"- heads: {report['heads']['selected']} selected (`{report['heads']['path']}`)",
         f"- subset: {report['subset']['selected']} of {report['subset']['pool']} samples (`{report['subset']['path']}`)",
@@ -245,6 +250,10 @@ def _report_md(cfg: RunConfig, report: dict, run_dir: Path) -> str:
         "",
         f"![heads]({Path(report['heads']['path']).parent.relative_to(run_dir) / 'heads.png'})",
     ]
+    if "loss.png" in report["outputs"]:
+        lines += ["", "## Training loss", "", f"![loss]({Path(report['outputs']['loss.png']).relative_to(run_dir)})"]
+    lines += ["", "## Outputs", "", "| what | path |", "|---|---|",
+              *[f"| {k} | `{v}` |" for k, v in report["outputs"].items()]]
     if "eval" in report:
         lines += ["", "## Evaluation", "", "| model | metric | value |", "|---|---|---:|"]
         for name, res in report["eval"].items():

@@ -117,6 +117,16 @@ def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True)
                "tokens": result.tokens, "tokens_per_s": result.tokens_per_s, "final_loss": result.final_loss,
                "resumed_from": result.resumed_from}
     if _rank() == 0:
+        import json
+
+        from p2d.plots import plot_losses
+        from p2d.trainer import LOG
+
+        log = [json.loads(line) for line in (out_dir / LOG).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if log:
+            plot_losses(log, out_dir / "loss.png", f"{cfg.scope} on {len(data)} samples")
+        summary["outputs"] = {name: str(out_dir / name) for name in ("model", "adapter", LOG, "loss.png")
+                              if (out_dir / name).exists()}
         write_json(out_dir / "train.json", summary)
     return summary
 

@@ -47,10 +47,15 @@ def test_report_contract(finished):
     assert aer["stages"]["train"]["flops"] < aer["reference"]["flops"]  # heads on a quarter of the pool
     assert aer["aer_flops"] == pytest.approx(aer["total_flops"] / aer["reference"]["flops"])
     assert set(json.loads((run / "plan.json").read_text())["stages"]) == set(aer["stages"]) | {"reference"}
+    log = [json.loads(line) for line in (run / "train" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 5)) and all(r["lr"] > 0 for r in log)
+    assert (run / "train" / "loss.png").is_file()
+    assert all(Path(p).exists() for p in aer["outputs"].values())
     lo, hi = aer["reference"]["interval"]
     assert lo <= aer["reference"]["seconds"] <= hi and aer["reference"]["timed_steps"] == 2
     assert (run / "aer.png").stat().st_size > 1000
     md = (run / "report.md").read_text()
+    assert "## Outputs" in md and "loss.png" in md
     assert "AER" in md and "heads.png" in md and f"{aer['subset']['selected']} of 48" in md
     assert (run / "train" / "model" / "config.json").is_file()
 
