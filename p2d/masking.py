@@ -277,7 +277,7 @@ def merge_adapter(base_spec: str | os.PathLike, adapter_dir: str | os.PathLike,
     """Base model + adapter -> a merged Hugging Face checkpoint at `out_dir` (written atomically)."""
     from transformers import AutoModelForCausalLM
 
-    from p2d.models import load_config, load_tokenizer, resolve_model
+    from p2d.models import load_config, load_tokenizer, resolve_model, save_tokenizer
 
     path = resolve_model(base_spec)
     saved_dtype = load_config(path).dtype or torch.float32
@@ -293,7 +293,7 @@ def merge_adapter(base_spec: str | os.PathLike, adapter_dir: str | os.PathLike,
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tok is not None:
-            tok.save_pretrained(tmp)
+            save_tokenizer(tok, tmp)
         heads = Path(adapter_dir) / "heads.json"
         if heads.is_file():
             shutil.copyfile(heads, tmp / "heads.json")

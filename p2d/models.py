@@ -71,7 +71,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
 
 
 def resolve_model(spec: str | os.PathLike | None) -> str:
@@ -149,8 +149,23 @@ def load_model(spec: str | os.PathLike | None, dtype: torch.dtype | None = None,
     return model.to(device).eval(), load_tokenizer(path)
 
 
+def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
+    """save_pretrained, with a tokenizer class that transformers 4.x (vLLM, many installs) loads too.
+
+    transformers 5 records its generic fast tokenizer as `TokenizersBackend`, which 4.x does not
+    know; `PreTrainedTokenizerFast` reads the same tokenizer.json in both.
+    """
+    tokenizer.save_pretrained(path)
+    config = Path(path) / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if data.get("tokenizer_class") == "TokenizersBackend":
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def save_model(model, tokenizer, out: str | os.PathLike) -> None:
     """Write a plain Hugging Face checkpoint (safetensors + tokenizer) atomically."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from p2d import P2DError
 from p2d.geometry import AttentionGeometry
-from p2d.io import write_json
+from p2d.io import write_json, write_text
 from p2d.models import DEFAULT_MODEL, load_model
 from p2d.trainer import TrainConfig
 
@@ -86,6 +86,28 @@ def run_key(cfg: TrainRunConfig, heads, data) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def model_card(cfg: TrainRunConfig, summary: dict, heads) -> str:
+    """README.md of the merged model: base, heads, data, template and how it was trained."""
+    import yaml
+
+    from p2d.models import resolve_model
+
+    meta = {"base_model": resolve_model(cfg.model), "library_name": "transformers", "tags": ["p2d", cfg.scope]}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {cfg.scope} fine-tune of `{cfg.model}` by p2d", "",
+             f"- **Trained**: scope `{cfg.scope}` (kv scope `{cfg.kv_scope}`, o columns {'yes' if cfg.train_o else 'no'}), "
+             f"{summary['trainable_params']:,} of {summary['total_params']:,} parameters, "
+             f"{summary['steps']} steps, lr {cfg.train.lr:g}, {cfg.train.epochs} epochs, final loss "
+             f"{summary['final_loss']:.4f}.",
+             f"- **Data**: `{cfg.data}` ({summary['samples']} samples), loss on response tokens only.",
+             "- **Prompt template**: Alpaca (`### Instruction:` / `### Input:` / `### Response:`), as trained; "
+             "prompt the model the same way.",
+             f"- **Heads** ({len(heads or [])}): " + (", ".join(f"L{l}H{h}" for l, h in heads) if heads else "none"),
+             "", "Loads with plain `transformers` (`AutoModelForCausalLM.from_pretrained`); the adapter beside it "
+             "(`../adapter`) loads with peft."]
+    return "\n".join(lines) + "\n"
+
+
 def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train, then write out_dir/model (merged), out_dir/adapter (head scopes) and out_dir/train.json."""
     from p2d.data import load_examples
@@ -125,6 +147,7 @@ def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True)
         log = [json.loads(line) for line in (out_dir / LOG).read_text(encoding="utf-8").splitlines() if line.strip()]
         if log:
             plot_losses(log, out_dir / "loss.png", f"{cfg.scope} on {len(data)} samples")
+        write_text(out_dir / "model" / "README.md", model_card(cfg, summary, heads))
         summary["outputs"] = {name: str(out_dir / name) for name in ("model", "adapter", LOG, "loss.png")
                               if (out_dir / name).exists()}
         write_json(out_dir / "train.json", summary)

@@ -200,6 +200,10 @@ def test_train_merged_checkpoint_loads_without_p2d(tiny_model, localized, mined,
     p2d("train", "--model", tiny_model, "--heads", localized / "heads.json", "--data", mined / "selected.jsonl",
         "--scope", "heads", "--max-steps", 3, "--lr", 1e-2, "--out", tmp_path)
     summary = json.loads((tmp_path / "train.json").read_text())
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "base_model:" in card and "L1H3" in card and "Alpaca" in card
+    tok_cfg = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4.x loads it too
     hd, d = 8, 64
     assert summary["trainable_params"] == 2 * hd * d + 2 * 2 * hd * d  # 2 q heads, 2 distinct KV groups (k and v)
     code = ("import sys, torch; from transformers import AutoModelForCausalLM as M; "
