@@ -28,6 +28,38 @@ def user_errors(fn):
     return wrapper
 
 
+def _load_config(ctx: click.Context, _param, path: str | None) -> str | None:
+    """--config FILE: a YAML (or JSON) mapping of option names to values, used as the command's defaults."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        console.print(f"[bold red]error:[/] --config {path}: {e}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    names = {p.name: p for p in ctx.command.params if p.name not in ("config", "help")}
+    if not isinstance(data, dict):
+        console.print(f"[bold red]error:[/] --config {path}: expected a mapping of option names to values",
+                      highlight=False)
+        sys.exit(2)
+    unknown = sorted(k for k in data if str(k).replace("-", "_") not in names)
+    if unknown:
+        console.print(f"[bold red]error:[/] --config {path}: unknown option(s) {', '.join(map(str, unknown))}; "
+                      f"see `p2d {ctx.command.name} --help`", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    ctx.default_map = (ctx.default_map or {}) | {str(k).replace("-", "_"): v for k, v in data.items()}
+    return path
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False), default=None, is_eager=True, expose_value=False,
+    callback=_load_config, help="YAML file of this command's options (names as the flags, e.g. data-frac: 0.1); "
+                                "flags given on the command line override it.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="p2d")
 def main() -> None:
@@ -72,6 +104,7 @@ def localize_config(kw: dict):
 @model_option
 @proxy_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@config_option
 @user_errors
 def localize(out: str, **kw) -> None:
     """Score every attention head with ALPS and write heads.json, head_scores.npy, heads.png."""
@@ -135,6 +168,7 @@ def mine_options(f):
 @click.option("--parquet", is_flag=True, help="Also write selected.parquet.")
 @click.option("--seed", default=0)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
+@config_option
 @user_errors
 def mine(out: str, **kw) -> None:
     """Mine a pool with head-activation affinity; write selected.jsonl, scores.csv, trainer snippets, mine.json."""
@@ -211,6 +245,7 @@ SCOPE_HELP = ("heads: only the selected heads' q rows and their KV groups' k/v r
 @train_options
 @click.option("--seed", default=0)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
+@config_option
 @user_errors
 def train(out: str, **kw) -> None:
     """Train one model in a scope; write a merged HF checkpoint (DIR/model) and the delta adapter (DIR/adapter)."""
@@ -253,6 +288,7 @@ def train(out: str, **kw) -> None:
               help="Redo this stage and every later one.")
 @click.option("--seed", default=0)
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory (default: runs/DOMAIN).")
+@config_option
 @user_errors
 def run(out: str | None, from_stage: str | None, **kw) -> None:
     """Run proxy -> localize -> mine -> train -> report; reuse finished stages, resume interrupted ones."""
