@@ -87,14 +87,28 @@ def _check_rows(source: str, rows: list, lines: list[int] | None = None) -> Reco
     return Records(rows, lines)
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _decode(raw: bytes, source: str, line: int | None = None) -> str:
+    """UTF-8 text, or a DataError naming the line (and column) of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if line is None:
+            line, column = raw.count(b"\n", 0, e.start) + 1, e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        else:
+            column = e.start + 1
+        raise DataError(f"{source}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); "
+                        "re-encode the file as UTF-8") from None
 
 
 def _read_jsonl(path: Path, source: str) -> Records:
     rows, lines = [], []
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
+    with _open_bytes(path) as f:
+        for n, raw in enumerate(f, 1):
+            line = _decode(raw, source, n)
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -105,8 +119,8 @@ def _read_jsonl(path: Path, source: str) -> Records:
 
 
 def _read_json(path: Path, source: str) -> Records:
-    with _open_text(path) as f:
-        text = f.read()
+    with _open_bytes(path) as f:
+        text = _decode(f.read(), source)
     if not text.strip():
         raise DataError(f"{source}: empty file")
     try:
@@ -211,15 +225,15 @@ def parse_fields(spec: FieldMap | dict | str | None) -> FieldMap | None:
     if isinstance(spec, str):
         pairs = [p.split("=", 1) for p in spec.split(",") if p.strip()]
         if any(len(p) != 2 for p in pairs):
-            raise DataError(f"field map {spec!r}: expected comma-separated key=field pairs, e.g. instruction=q,output=a")
+            raise DataError(f"field map (--fields) {spec!r}: expected comma-separated key=field pairs, e.g. instruction=q,output=a")
         spec = {k.strip(): v.strip() for k, v in pairs}
     unknown = set(spec) - {"instruction", "input", "output", "messages"}
     if unknown:
-        raise DataError(f"field map: unknown key(s) {', '.join(sorted(unknown))}; "
+        raise DataError(f"field map (--fields): unknown key(s) {', '.join(sorted(unknown))}; "
                         f"use instruction, input, output or messages")
     fields = FieldMap(**spec)
     if not fields.messages and not (fields.instruction and fields.output):
-        raise DataError("field map: give either messages=<field> or both instruction=<field> and output=<field>")
+        raise DataError("field map (--fields): give either messages=<field> or both instruction=<field> and output=<field>")
     return fields
 
 

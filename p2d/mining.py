@@ -81,7 +81,7 @@ class MineResult:
 
 def n_selected(data_frac: float, n_pool: int) -> int:
     if not (isinstance(data_frac, (int, float)) and 0 < data_frac <= 1):
-        raise P2DError(f"data-frac must be in (0, 1], got {data_frac!r}")
+        raise P2DError(f"--data-frac must be in (0, 1], got {data_frac!r}")
     return math.ceil(data_frac * n_pool)
 
 

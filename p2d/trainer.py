@@ -126,7 +126,7 @@ def _dtype(config: TrainConfig) -> torch.dtype:
     return config.dtype or default_dtype()
 
 
-def _resolve_deepspeed(config: TrainConfig) -> dict | None:
+def resolve_deepspeed(config: TrainConfig) -> dict | None:
     """The DeepSpeed config to run with, "auto" fields filled from `config`; None for single-process."""
     raw = config.deepspeed
     if raw is None:
@@ -136,10 +136,16 @@ def _resolve_deepspeed(config: TrainConfig) -> dict | None:
     if not isinstance(raw, dict):
         try:
             raw = json.loads(Path(raw).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise P2DError(f"cannot read DeepSpeed config {config.deepspeed}: {e}") from e
-    cfg = json.loads(json.dumps(raw))
     where = config.deepspeed if not isinstance(config.deepspeed, dict) else "DeepSpeed config"
+    if not isinstance(raw, dict):
+        raise P2DError(f"{where}: a DeepSpeed config is a JSON object, got {type(raw).__name__}")
+    cfg = json.loads(json.dumps(raw))
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise P2DError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got "
+                       f"{zero.get('stage') if isinstance(zero, dict) else zero!r}")
     for key in ("optimizer", "scheduler"):
         if key in cfg:
             raise P2DError(f"{where}: remove the {key!r} section; p2d passes its own AdamW and cosine schedule")
@@ -222,7 +228,7 @@ class _Run:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise P2DError("nothing to train: the model has no trainable parameters (check the scope)")
-        ds_config = _resolve_deepspeed(config)
+        ds_config = resolve_deepspeed(config)
         self.engine = None
         self.world, self.rank = 1, 0
         dtype = _dtype(config)

@@ -36,8 +36,11 @@ class LocalizeConfig:
         """Fail on bad options before any expensive work starts."""
         if not 0 < self.head_frac <= 1:
             raise P2DError(f"--head-frac must be in (0, 1], got {self.head_frac}")
-        if self.tau <= 0:
+        if not self.tau > 0:
             raise P2DError(f"--tau must be positive, got {self.tau}")
+        if self.proxy.samples <= 0 or self.proxy.steps <= 0:
+            raise P2DError(f"--proxy-samples and --proxy-steps must be positive, got {self.proxy.samples} and "
+                           f"{self.proxy.steps}")
         if not (self.task_model or self.domain or self.proxy_data):
             raise P2DError("localize needs a task model: pass --task-model, --domain or --proxy-data")
 

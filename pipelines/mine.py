@@ -46,7 +46,20 @@ class MineConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from p2d.mining import DIVERSITIES, QUALITIES, SELECTORS, n_selected
+        self.validate_options()
+        if self.selector == "p2d" and self.mining_heads == "alps" and not self.heads:
+            raise P2DError("--mining-heads alps needs --heads heads.json (from `p2d localize`)")
+        if self.heads and not Path(self.heads).is_file():
+            raise P2DError(f"--heads: file not found: {self.heads}")
+        if self.needs_task_model() and not self.task_model_path():
+            raise P2DError("--quality reducible needs the proxy task model: pass --task-model, or --heads with a "
+                           "heads.json whose task_model exists (or choose another --quality)")
+        if not (self.target or self.domain) and self.selector != "ifd":
+            raise P2DError("mining needs a target: pass --target FILE or --domain (its data card's seed set)")
+
+    def validate_options(self) -> None:
+        """The checks that need no input file (also what `p2d run` checks before its first stage)."""
+        from p2d.mining import DIVERSITIES, QUALITIES, SELECTORS, SHORTLISTED, n_selected
 
         n_selected(self.data_frac, 1)
         if self.max_length <= 0 or self.batch_size <= 0:
@@ -59,15 +72,11 @@ class MineConfig:
             raise P2DError(f"--quality must be one of {', '.join(QUALITIES)}, got {self.quality!r}")
         if self.quality_weight is not None and not math.isfinite(self.quality_weight):
             raise P2DError(f"--quality-weight must be a finite number, got {self.quality_weight}")
-        if self.selector == "p2d" and self.mining_heads == "alps" and not self.heads:
-            raise P2DError("--mining-heads alps needs --heads heads.json (from `p2d localize`)")
-        if self.heads and not Path(self.heads).is_file():
-            raise P2DError(f"--heads: file not found: {self.heads}")
-        if self.needs_task_model() and not self.task_model_path():
-            raise P2DError("--quality reducible needs the proxy task model: pass --task-model, or --heads with a "
-                           "heads.json whose task_model exists (or choose another --quality)")
-        if not (self.target or self.domain) and self.selector != "ifd":
-            raise P2DError("mining needs a target: pass --target FILE or --domain (its data card's seed set)")
+        if self.diversity == "facility-quality" and self.quality not in SHORTLISTED:
+            raise P2DError(f"--diversity facility-quality needs --quality {' or '.join(SHORTLISTED)}, "
+                           f"got {self.quality!r}")
+        if self.mining_max_layer is not None and self.mining_max_layer < 0:
+            raise P2DError(f"--mining-max-layer must be 0 or more, got {self.mining_max_layer}")
 
     def needs_task_model(self) -> bool:
         return self.quality == "reducible" and self.selector in ("p2d", "embedding-mid", "embedding-last")

@@ -96,6 +96,13 @@ class RunConfig:
         self.localize_config().validate()
         n_selected(self.data_frac, 1)
         check_train_options(self.scope, self.train, self.kv_scope)
+        if self.reference.steps <= 0:
+            raise P2DError(f"--reference-steps must be positive, got {self.reference.steps}")
+        if self.mine_max_length <= 0:
+            raise P2DError(f"the mining window must be positive, got {self.mine_max_length}")
+        if self.eval_limit is not None and self.eval_limit < 0:
+            raise P2DError(f"--eval-limit must be 0 or more, got {self.eval_limit}")
+        self.mine_config("").validate_options()
 
 
 def _stage_options(cfg: RunConfig) -> dict[str, dict]:

@@ -69,6 +69,10 @@ def check_train_options(scope: str, t: TrainConfig, kv_scope: str = "shared") ->
         raise P2DError(f"--max-length must be at least 2 tokens, got {t.max_length}")
     if t.save_every <= 0:
         raise P2DError(f"--save-every must be positive, got {t.save_every}")
+    if t.deepspeed is not None:
+        from p2d.trainer import resolve_deepspeed
+
+        resolve_deepspeed(t)  # its file, JSON and stage, before any model loads
 
 
 def run_key(cfg: TrainRunConfig, heads, data) -> str:

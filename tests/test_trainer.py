@@ -12,7 +12,7 @@ from p2d.geometry import AttentionGeometry
 from p2d.loss import ResponseLoss
 from p2d.masking import apply_scope
 from p2d.tokens import IGNORE, Tokenized
-from p2d.trainer import TrainConfig, _resolve_deepspeed, _Run, deepspeed_config, lr_factor, \
+from p2d.trainer import TrainConfig, resolve_deepspeed, _Run, deepspeed_config, lr_factor, \
     step_plan, train
 
 HEADS = [(0, 1), (1, 5), (2, 7)]
@@ -138,14 +138,14 @@ def test_deepspeed_config_auto_fields(tmp_path):
     assert generated["zero_optimization"]["stage"] == 3 and generated["bf16"]["enabled"] is False
     user = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": "auto"},
             "zero_optimization": {"stage": 2}}
-    resolved = _resolve_deepspeed(TrainConfig(batch_size=3, grad_accum=2, max_grad_norm=0.5, dtype=torch.float32,
+    resolved = resolve_deepspeed(TrainConfig(batch_size=3, grad_accum=2, max_grad_norm=0.5, dtype=torch.float32,
                                               deepspeed=user))
     assert resolved["train_micro_batch_size_per_gpu"] == 3 and resolved["gradient_accumulation_steps"] == 2
     assert resolved["gradient_clipping"] == 0.5 and "train_batch_size" not in resolved
     assert resolved["bf16"]["enabled"] is False and resolved["zero_allow_untested_optimizer"] is True
     with pytest.raises(P2DError, match="optimizer"):
-        _resolve_deepspeed(TrainConfig(deepspeed={"optimizer": {"type": "AdamW"}}))
+        resolve_deepspeed(TrainConfig(deepspeed={"optimizer": {"type": "AdamW"}}))
     with pytest.raises(P2DError, match="disagrees"):
-        _resolve_deepspeed(TrainConfig(batch_size=4, deepspeed={"train_micro_batch_size_per_gpu": 8}))
+        resolve_deepspeed(TrainConfig(batch_size=4, deepspeed={"train_micro_batch_size_per_gpu": 8}))
     with pytest.raises(P2DError, match="cannot read"):
-        _resolve_deepspeed(TrainConfig(deepspeed=tmp_path / "missing.json"))
+        resolve_deepspeed(TrainConfig(deepspeed=tmp_path / "missing.json"))
