@@ -26,6 +26,7 @@ PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0}
 CALIBRATION_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64, vocab_size=49152)
 STAGES = ("proxy", "localize", "mine", "train", "reference")
+CALIBRATION_VERSION = 2  # part of the cache key: a changed measurement is taken again
 
 
 @dataclass
@@ -101,7 +102,7 @@ def assumed_heads(shape: Shape, head_frac: float) -> list[tuple[int, int]]:
 
 
 def stage_flops(shape: Shape, lengths: Lengths, cfg: PlanConfig, subset: np.ndarray | None = None,
-                heads: list[tuple[int, int]] | None = None) -> dict[str, dict]:
+                heads: list[tuple[int, int]] | None = None, proxy: Lengths | None = None) -> dict[str, dict]:
     """FLOPs (and the largest micro-batch, for memory) of every stage of `p2d run`.
 
     Before a run, the subset and heads are assumed (see the module docstring); after it, pass the
@@ -111,8 +112,10 @@ def stage_flops(shape: Shape, lengths: Lengths, cfg: PlanConfig, subset: np.ndar
     rng = np.random.default_rng(cfg.seed)
     count = math.ceil(cfg.data_frac * n)
     heads = heads if heads is not None else assumed_heads(shape, cfg.head_frac)
-    proxy, proxy_tokens = _train_flops(shape, lengths, np.arange(min(cfg.proxy_samples, n)), cfg.proxy_max_length,
-                                       cfg.proxy_batch_size, trainable_for("qkv", shape), steps=cfg.proxy_steps)
+    proxy = proxy or lengths  # the proxy's own data when known, else rows like the pool's
+    proxy, proxy_tokens = _train_flops(shape, proxy, np.arange(min(cfg.proxy_samples, len(proxy.prompt))),
+                                       cfg.proxy_max_length, cfg.proxy_batch_size, trainable_for("qkv", shape),
+                                       steps=cfg.proxy_steps)
     # ALPS: W_o^h = Q_hᵀ·K_g·V_gᵀ per head, for the base and the task model
     localize = 2 * shape.layers * shape.heads * 2 * (2 * shape.hidden * shape.head_dim * shape.hidden)
     total, labelled = _capped(lengths, cfg.mine_max_length)
@@ -188,7 +191,7 @@ def calibrate(force: bool = False) -> dict:
     from p2d.tokens import IGNORE, Tokenized
     from p2d.trainer import TrainConfig, time_steps
 
-    key = machine()
+    key = f"{machine()}; calibration {CALIBRATION_VERSION}"
     path = cache_dir() / "calibration.json"
     cached = read_json(path) if path.is_file() else {}
     if key in cached and not force:
@@ -197,28 +200,35 @@ def calibrate(force: bool = False) -> dict:
     config = LlamaConfig(**CALIBRATION_SHAPE, tie_word_embeddings=True)
     model = LlamaForCausalLM(config).to(default_device()).eval()
     shape = Shape.from_config(config)
-    rows, width, prompt = 4, 128, 64
-    ids = torch.randint(3, config.vocab_size, (rows, width), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:, :prompt] = IGNORE
-    batch = {"input_ids": ids.to(model.device), "attention_mask": torch.ones_like(ids).to(model.device),
-             "labels": labels.to(model.device)}
-    logit_positions = rows * (width - prompt)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(rows: int, width: int, prompt: int):
+        ids = torch.randint(3, config.vocab_size, (rows, width), generator=gen)
+        labels = ids.clone()
+        labels[:, :prompt] = IGNORE
+        return ids, labels
+
+    # the shapes p2d runs: mining batches of up to 8192 tokens over 128-token windows, training 4 x 256
+    ids, labels = batch(32, 128, 64)
+    enc = {"input_ids": ids.to(model.device), "attention_mask": torch.ones_like(ids).to(model.device),
+           "labels": labels.to(model.device)}
     with torch.inference_mode():
-        forward_token_nll(model, batch)
+        forward_token_nll(model, enc)
         t0 = time.perf_counter()
         for _ in range(3):
-            forward_token_nll(model, batch)
+            forward_token_nll(model, enc)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         fwd_s = (time.perf_counter() - t0) / 3
+    fwd_flops = forward(shape, [(32, 128)], int((labels[:, 1:] != IGNORE).sum()))
+    rows, width, prompt = 4, 256, 96
+    ids, labels = batch(rows, width, prompt)
     data = [Tokenized(str(i), ids[i].tolist(), labels[i].tolist()) for i in range(rows)]
     model.train().requires_grad_(True)
     seconds = time_steps(model, data, 0, TrainConfig(batch_size=rows, lr=1e-5), [[list(range(rows))]] * 4)[1:]
-    step = train_step(shape, [(rows, width)], logit_positions, trainable_for("full", shape))
-    result = {"forward_flops_per_s": forward(shape, [(rows, width)], logit_positions) / fwd_s,
-              "train_flops_per_s": step / float(np.median(seconds)),
-              "method": f"measured on {key}: SmolLM2-135M-shaped model, batch {rows}x{width}"}
+    step = train_step(shape, [(rows, width)], int((labels[:, 1:] != IGNORE).sum()), trainable_for("full", shape))
+    result = {"forward_flops_per_s": fwd_flops / fwd_s, "train_flops_per_s": step / float(np.median(seconds)),
+              "method": f"measured on {key}: SmolLM2-135M-shaped model, forward 32x128, training steps 4x256"}
     write_json(path, cached | {key: result})
     return result
 
@@ -235,10 +245,10 @@ def rates(cfg: PlanConfig) -> dict:
             "method": f"{cfg.hardware} dense bf16 peak {PEAK_BF16_TFLOPS[cfg.hardware]:g} TFLOP/s × assumed MFU {cfg.mfu}"}
 
 
-def make_plan(config, lengths: Lengths, cfg: PlanConfig) -> dict:
+def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None = None) -> dict:
     """The plan's JSON: per stage FLOPs, seconds, peak memory; the totals and the predicted AER."""
     shape = Shape.from_config(config)
-    flops = stage_flops(shape, lengths, cfg)
+    flops = stage_flops(shape, lengths, cfg, proxy=proxy)
     r = rates(cfg)
     gpu = cfg.hardware != "calibrate"
     bytes_per = 2 if gpu else 4

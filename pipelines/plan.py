@@ -26,23 +26,24 @@ def model_config(spec: str):
     return load_config(spec)
 
 
-def scan_pool(model: str, data: str, fields: str | None = None) -> tuple[object, Lengths]:
-    """(model config, the pool's token lengths): all a plan reads."""
+def scan_pool(model: str, data: str, fields: str | None = None, proxy_data: str | None = None
+              ) -> tuple[object, Lengths, Lengths | None]:
+    """(model config, the pool's token lengths, the proxy data's when given): all a plan reads."""
     from p2d.data import load_examples
 
     config = model_config(model)
-    examples = load_examples(data, fields=fields)
     tokenizer = None
     if not model.endswith(".json"):
         from p2d.models import load_tokenizer
 
         tokenizer = load_tokenizer(model)
-    return config, scan(examples, tokenizer)
+    proxy = scan(load_examples(proxy_data), tokenizer) if proxy_data else None
+    return config, scan(load_examples(data, fields=fields), tokenizer), proxy
 
 
 def plan_pool(model: str, data: str, cfg: PlanConfig, out: str | Path | None = None, fields: str | None = None) -> dict:
     """Scan the pool's token lengths, predict each stage, print the table; write plan.json to `out` if given."""
-    config, lengths = scan_pool(model, data, fields)
+    config, lengths, _ = scan_pool(model, data, fields)
     plan = make_plan(config, lengths, cfg)
     plan["model"]["spec"], plan["pool"] = model, data
     console.print(plan_table(plan))

@@ -7,6 +7,7 @@ and everything after it. Changing a stage's options re-runs that stage and the o
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from p2d.aer import Ledger, aer_report, aer_table, write_aer
 from p2d.flops import Shape
 from p2d.io import read_json, write_json, write_text
 from p2d.models import DEFAULT_MODEL
-from p2d.pipelines.localize import LocalizeConfig, make_task_model, score_and_select
+from p2d.pipelines.localize import LocalizeConfig, make_task_model, proxy_source, score_and_select
 from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool
 from p2d.pipelines.plan import scan_pool
 from p2d.pipelines.reference import ReferenceRunConfig, reference_cost
@@ -109,7 +110,6 @@ def _stage_options(cfg: RunConfig) -> dict[str, dict]:
     """Each stage's cache key: its options plus digests of what its inputs resolve to here (content, not names)."""
     from p2d.io import input_digest
     from p2d.models import model_digest
-    from p2d.pipelines.localize import proxy_source
     from p2d.pipelines.mine import target_source
 
     d = asdict(cfg)
@@ -140,8 +140,9 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     run_dir = Path(run_dir).resolve()  # stage summaries hold absolute paths: a rerun from elsewhere finds them
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "run.json", {"config": asdict(cfg)})
-    model_cfg, lengths = scan_pool(cfg.model, cfg.pool)
-    plan = make_plan(model_cfg, lengths, cfg.plan_config())
+    proxy_data = None if cfg.task_model else proxy_source(cfg.localize_config())
+    model_cfg, lengths, proxy_lengths = scan_pool(cfg.model, cfg.pool, proxy_data=proxy_data)
+    plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths)
     write_json(run_dir / "plan.json", plan)
     console.print(plan_table(plan))
     ledger = Ledger(run_dir / "ledger.json")
@@ -180,7 +181,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
         progress), timed=False)
 
     report = aer_report(ledger, reference)
-    _count_flops(report, plan, model_cfg, lengths, cfg, mined, read_heads_json(heads).heads)
+    _count_flops(report, plan, model_cfg, lengths, cfg, mined, read_heads_json(heads).heads, proxy_lengths)
     report["subset"] = {"selected": mined["counts"]["selected"], "pool": mined["counts"]["pool"], "path": subset}
     report["heads"] = {"selected": len(read_json(heads)["selected"]), "path": heads}
     report["trainable_params"] = trained["trainable_params"]
@@ -196,7 +197,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     return report
 
 
-def _count_flops(report: dict, plan: dict, model_cfg, lengths, cfg: RunConfig, mined: dict, heads: list) -> None:
+def _count_flops(report: dict, plan: dict, model_cfg, lengths, cfg: RunConfig, mined: dict, heads: list,
+                 proxy_lengths=None) -> None:
     """FLOPs of each stage as it ran (the real subset and heads; mining's target and shortlist lengths as
     assumed) beside the seconds, and the plan's predicted seconds beside the measured ones."""
     import csv
@@ -206,7 +208,7 @@ def _count_flops(report: dict, plan: dict, model_cfg, lengths, cfg: RunConfig, m
     with open(mined["outputs"]["scores.csv"], encoding="utf-8") as f:
         subset = np.flatnonzero([row["selected"] == "1" for row in csv.DictReader(f)])
     flops = stage_flops(Shape.from_config(model_cfg), lengths, cfg.plan_config(), subset=subset,
-                        heads=[tuple(h) for h in heads])
+                        heads=[tuple(h) for h in heads], proxy=proxy_lengths)
     for name, stage in report["stages"].items():
         stage["flops"] = flops[name]["flops"]
         stage["planned_seconds"] = plan["stages"][name]["seconds"]
@@ -255,10 +257,10 @@ def _report_md(cfg: RunConfig, report: dict, run_dir: Path) -> str:
         "",
         "## Heads",
         "",
-        f"![heads]({Path(report['heads']['path']).parent.relative_to(run_dir) / 'heads.png'})",
+        f"![heads]({Path(os.path.relpath(Path(report['heads']['path']).parent, run_dir)) / 'heads.png'})",
     ]
     if "loss.png" in report["outputs"]:
-        lines += ["", "## Training loss", "", f"![loss]({Path(report['outputs']['loss.png']).relative_to(run_dir)})"]
+        lines += ["", "## Training loss", "", f"![loss]({os.path.relpath(report['outputs']['loss.png'], run_dir)})"]
     lines += ["", "## Outputs", "", "| what | path |", "|---|---|",
               *[f"| {k} | `{v}` |" for k, v in report["outputs"].items()]]
     if "eval" in report:

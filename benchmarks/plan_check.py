@@ -1,0 +1,71 @@
+"""How close is `p2d plan` to what `p2d run` then measures, stage by stage?
+
+Reads the finished runs of benchmarks/cost.py (their configuration, pool, proxy data and measured
+stage seconds), plans each again with the current planner (calibrating this machine once, while
+nothing else runs), and compares. Run it right after cost.py on the same machine.
+
+    python benchmarks/plan_check.py --runs runs/cost/real-code runs/cost/real-code-e1 runs/cost/real-code-e3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import emit, table  # noqa: E402
+
+from p2d.io import read_json  # noqa: E402
+from p2d.pipelines.plan import scan_pool  # noqa: E402
+from p2d.plan import PlanConfig, calibrate, make_plan  # noqa: E402
+
+STAGES = ("proxy", "mine", "train", "reference")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=Path, nargs="+", required=True)
+    ap.add_argument("--recalibrate", action="store_true", help="measure this machine again")
+    ap.add_argument("--no-publish", action="store_true")
+    args = ap.parse_args()
+    rates = calibrate(force=args.recalibrate)
+    rows = []
+    for run in args.runs:
+        config = read_json(run / "run.json")["config"]
+        aer = read_json(run / "aer.json")
+        tr, proxy = config["train"], config["proxy"]
+        cfg = PlanConfig(data_frac=config["data_frac"], head_frac=config["head_frac"], scope=config["scope"],
+                         kv_scope=config.get("kv_scope", "shared"), epochs=tr["epochs"],
+                         train_batch_size=tr["batch_size"] * tr["grad_accum"], train_max_length=tr["max_length"],
+                         mine_max_length=config["mine_max_length"], proxy_samples=proxy["samples"],
+                         proxy_steps=proxy["steps"], proxy_batch_size=proxy["batch_size"],
+                         proxy_max_length=proxy["max_length"], seed=config["seed"])
+        model_cfg, lengths, proxy_lengths = scan_pool(config["model"], config["pool"], proxy_data=config["proxy_data"])
+        plan = make_plan(model_cfg, lengths, cfg, proxy_lengths)
+        measured = {s: aer["stages"][s]["seconds"] for s in STAGES if s != "reference"}
+        measured["reference"] = aer["reference"]["seconds"]
+        row = {"run": run.name, "epochs": tr["epochs"]}
+        for s in STAGES:
+            row[s] = f"{plan['stages'][s]['seconds']:.0f} / {measured[s]:.0f} = {plan['stages'][s]['seconds'] / measured[s]:.2f}"
+        rows.append(row)
+        print(row, flush=True)
+    md = "\n".join([
+        f"Predicted ÷ measured seconds per stage (`p2d plan` before the run, the cost benchmark's `p2d run` after; the "
+        f"reference's measured value is its estimate, checked in the reference check). Rates: {rates['method']} "
+        f"({rates['forward_flops_per_s'] / 1e9:.0f} GFLOP/s forward, {rates['train_flops_per_s'] / 1e9:.0f} GFLOP/s "
+        f"training). Target: within 0.8–1.2 at the defaults.",
+        "",
+        table(rows, ["run", "epochs", *STAGES]),
+        "",
+        "The plan assumes what it cannot know before the run: the subset's lengths are the pool's, and a selected "
+        "head sits in layer 0 (backward through every layer). Where the real subset is shorter or the lowest "
+        "selected head higher, the train stage comes out lower than planned.",
+    ])
+    print(md)
+    emit("plan_check", "`p2d plan` against measured stage seconds", md, {"rows": rows, "rates": rates},
+         Path("runs") if args.no_publish else None)
+
+
+if __name__ == "__main__":
+    main()
