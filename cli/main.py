@@ -292,15 +292,13 @@ def train(out: str, **kw) -> None:
 @user_errors
 def run(out: str | None, from_stage: str | None, **kw) -> None:
     """Run proxy -> localize -> mine -> train -> report; reuse finished stages, resume interrupted ones."""
+    from p2d.io import locked_dir
     from p2d.pipelines.run import RunConfig, run_pipeline
     from p2d.proxy import ProxyConfig
-
     from p2d.reference import ReferenceConfig
 
     tcfg = train_config(kw)
     proxy = ProxyConfig(samples=kw.pop("proxy_samples"), steps=kw.pop("proxy_steps"), seed=kw["seed"])
-    from p2d.io import locked_dir
-
     reference = ReferenceConfig(steps=kw.pop("reference_steps"), seed=kw["seed"])
     cfg = RunConfig(train=tcfg, proxy=proxy, reference=reference, **kw)
     cfg.validate()

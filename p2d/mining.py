@@ -175,7 +175,7 @@ def diversify(ids: list[str], score: np.ndarray, features: np.ndarray, count: in
     if excluded is not None:
         order = order[~excluded[order]]
     cand = order[: min(len(order), DIVERSE_POOL * count)]
-    picks = cand[facility_location(np.asarray(features[np.sort(cand)])[np.argsort(np.argsort(cand))], count)]
+    picks = cand[facility_location(_rows(features, cand), count)]
     out = np.asarray(score, dtype=np.float64).copy()
     out[picks] = out.max() + 1.0 + (count - np.arange(len(picks))) / count
     return out
@@ -226,6 +226,11 @@ def facility_location(features: np.ndarray, count: int, neighbors: int = NEIGHBO
     return np.array(chosen, dtype=np.int64)
 
 
+def _rows(features: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """features[idx] as an array, read in ascending row order (sequential on a memory map), returned in idx order."""
+    return np.asarray(features[np.sort(idx)])[np.argsort(np.argsort(idx))]
+
+
 def _pct(x: np.ndarray) -> np.ndarray:
     return (rankdata(x, method="average") - 1) / max(len(x) - 1, 1)
 
@@ -271,7 +276,7 @@ def select(ids: list[str], score: np.ndarray, data_frac: float, *, features: np.
     n_kept = 0
     for s in range(0, n, chunk):
         cand = order[s: s + chunk]
-        x = _normalized(np.asarray(features[np.sort(cand)]))[np.argsort(np.argsort(cand))]
+        x = _normalized(_rows(features, cand))
         near = kept.search(x, 1)[0][:, 0] >= dedup_threshold if n_kept else np.zeros(len(cand), bool)
         sims = x @ x.T  # within the chunk, earlier (better) candidates win
         take: list[int] = []

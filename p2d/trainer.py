@@ -355,6 +355,12 @@ class _Run:
             return adapter_state(self.base)
 
 
+def _micro_batches(data: list[Tokenized], step: list[list[int]], pad_id: int) -> tuple[list[dict], float]:
+    """One optimizer step's collated micro-batches and its labelled (loss) token count on this rank."""
+    micro = [collate([data[i] for i in mb], pad_id) for mb in step]
+    return micro, float(sum((b["labels"][:, 1:] != IGNORE).sum().item() for b in micro))
+
+
 def time_steps(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainConfig,
                steps: list[list[list[int]]]) -> list[float]:
     """Seconds of each given optimizer step (micro-batches of `data` indices), run as `train` runs them.
@@ -365,8 +371,7 @@ def time_steps(model: nn.Module, data: list[Tokenized], pad_id: int, config: Tra
     run = _Run(model, config, max(len(steps), 1))
     out = []
     for step in steps:
-        micro = [collate([data[i] for i in mb], pad_id) for mb in step]
-        n_tokens = float(sum((b["labels"][:, 1:] != IGNORE).sum().item() for b in micro))
+        micro, n_tokens = _micro_batches(data, step, pad_id)
         t0 = time.perf_counter()
         run.step(micro, n_tokens)
         out.append(time.perf_counter() - t0)
@@ -440,8 +445,8 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
             epoch, pos = divmod(step, steps_per_epoch)
             if plan_epoch != epoch:
                 plan, plan_epoch = step_plan(lengths, config, epoch, run.world, run.rank), epoch
-            micro = [collate([data[i] for i in mb], pad_id) for mb in plan[pos]]
-            n_tokens = run.all_sum(float(sum((b["labels"][:, 1:] != IGNORE).sum().item() for b in micro)))
+            micro, n_tokens = _micro_batches(data, plan[pos], pad_id)
+            n_tokens = run.all_sum(n_tokens)
             tokens = run.all_sum(float(sum(b["attention_mask"].sum().item() for b in micro)))
             positions = run.all_sum(float(sum(b["input_ids"].numel() for b in micro)))  # padding included
             t0 = time.perf_counter()

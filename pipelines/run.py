@@ -89,13 +89,10 @@ class RunConfig:
     def validate(self) -> None:
         """Every option checked before the first stage starts, so a typo never costs a proxy run."""
         from p2d.cards import load_card
-
-        from p2d.mining import n_selected
         from p2d.pipelines.train import check_train_options
 
         load_card(self.domain)
         self.localize_config().validate()
-        n_selected(self.data_frac, 1)
         check_train_options(self.scope, self.train, self.kv_scope)
         if self.reference.steps <= 0:
             raise P2DError(f"--reference-steps must be positive, got {self.reference.steps}")
