@@ -41,7 +41,8 @@ def main() -> None:
                          mine_max_length=config["mine_max_length"], proxy_samples=proxy["samples"],
                          proxy_steps=proxy["steps"], proxy_batch_size=proxy["batch_size"],
                          proxy_max_length=proxy["max_length"], seed=config["seed"])
-        model_cfg, lengths, proxy_lengths = scan_pool(config["model"], config["pool"], proxy_data=config["proxy_data"])
+        model_cfg, lengths, proxy_lengths = scan_pool(config["model"], config["pool"], proxy_data=config["proxy_data"],
+                                                      template=config.get("template", "alpaca"))  # runs before it had the option read Alpaca
         plan = make_plan(model_cfg, lengths, cfg, proxy_lengths)
         measured = {s: aer["stages"][s]["seconds"] for s in STAGES if s != "reference"}
         measured["reference"] = aer["reference"]["seconds"]

@@ -12,12 +12,15 @@ rows; GSM8K test) and others from sources the target was not drawn from (HumanEv
 and as the whole function; p2d's generated word problems).
 
 Selections are made with p2d.mining.mine, each as `p2d mine --selector S` makes it at its
-defaults: `p2d` (the default), `p2d-div` (`--diversity facility`: the same scores, then facility
-location over the top 2x; read off the p2d run), `p2d-divq` (`--diversity facility-quality`: the
-same without the shortlist's worst third by IFD), `p2d-paper` (the same ALPS-head affinity, no quality signal: read
-off the p2d run, which computes exactly it), `rds`, `ifd`, and `random` (3 seeds). `random-tok`
-draws random rows until it holds as many tokens as p2d's subset (the equal-token comparison).
-Each subset is trained as `p2d train` trains it by default (heads scope, its lr and epochs), with
+defaults: `p2d` (`--diversity none`: the top rows by head affinity and IFD rank, the default
+until session 5), `p2d-div` (`--diversity facility`: the same scores, then facility location over
+the top 2x; read off the p2d run), `p2d-divq` (`--diversity facility-quality`, **the default**:
+the same without the shortlist's worst third by IFD), `p2d-paper` (the same ALPS-head affinity, no
+quality signal: read off the p2d run, which computes exactly it), `rds`, `ifd`, and `random` (3
+seeds). `random-tok` draws random rows until it holds as many tokens as the default subset (the
+equal-token comparison).
+Every model reads the Alpaca prompt of the ALPS paper (`--template alpaca`; SmolLM2's default `auto`
+is its ChatML template). Each subset is trained as `p2d train` trains it by default (heads scope, its lr and epochs), with
 training seeds 0-2 for p2d; `/full` cells train all weights as a check that the data, not the
 scope, carries the result. Results accumulate in --results, so the run can be stopped and resumed.
 
@@ -64,13 +67,14 @@ QUICK_POOL = dict(codealpaca=10, stdlib=4, gsm8k=10, generated=4, general=8, cor
 IN_DOMAIN = {"code": ("codealpaca", "stdlib"), "math": ("gsm8k", "generated")}
 SELECTIONS = ("p2d", "p2d-div", "p2d-divq", "p2d-paper", "rds", "ifd", "random", "random-tok")
 SEEDED = {"p2d", "p2d-div", "p2d-divq", "random"}  # the others: seed 0 only (CPU time)
+DEFAULT = "p2d-divq"  # what `p2d mine` selects at its defaults (--diversity facility-quality)
 DEFAULT_CELLS = ["p2d/heads", "random/heads", "rds/heads", "p2d-div/heads", "p2d-divq/heads", "p2d-paper/heads",
-                 "random-tok/heads", "p2d/full",
+                 "random-tok/heads", "p2d-divq/full",
                  "random/full", "ifd/heads"]
 # run order: the core comparison first (every domain, seed by seed), then the checks
 TIER = {"p2d/heads": 0, "random/heads": 0, "rds/heads": 0, "p2d-div/heads": 0, "p2d-divq/heads": 0,
         "p2d-paper/heads": 1, "random-tok/heads": 1,
-        "p2d/full": 2, "random/full": 2, "ifd/heads": 3}
+        "p2d-divq/full": 2, "random/full": 2, "ifd/heads": 3}
 TRAIN = dict(batch_size=4, max_length=256, save_every=1000)
 EVAL_MAX_LENGTH = 512
 
@@ -149,7 +153,7 @@ def mine_selections(domain: str, model, tok, pool: list[Example], target: list[E
     if "p2d" in todo:
         t0 = time.perf_counter()
         res = mine(model, pool_t, target_t, selector="p2d", heads=heads, quality=cfg.quality, task_model=task_model,
-                   **kw)
+                   diversity="none", **kw)
         out["p2d"] = {"ids": _ids(res.ids, res.selected), "seconds": time.perf_counter() - t0,
                       "summary": res.summary, "quality": cfg.quality}
     if "p2d-paper" in todo:  # mine(selector="p2d-paper"): the same head features and prototypes, affinity alone
@@ -268,9 +272,9 @@ def _verdicts_of(name: str, groups: dict, sets: dict) -> list[str]:
                 word = "tie" if abs(mine.mean() - o.mean()) <= noise else ("better" if mine.mean() < o.mean() else "worse")
                 parts.append(f"vs {other.split('/')[0]} {o.mean():.4f}: {word} ({len(mine)} vs {len(o)} seeds; "
                              "tie = within the larger seed std)")
-        if name == "p2d/heads" and "p2d/full" in groups and "random/full" in groups:
-            a, b = groups["p2d/full"][0]["nll"][s], np.mean([v["nll"][s] for v in groups["random/full"]])
-            parts.append(f"full scope: p2d {a:.4f} vs random {b:.4f} ({'better' if a < b else 'worse'})")
+        if name == f"{DEFAULT}/heads" and f"{DEFAULT}/full" in groups and "random/full" in groups:
+            a, b = groups[f"{DEFAULT}/full"][0]["nll"][s], np.mean([v["nll"][s] for v in groups["random/full"]])
+            parts.append(f"full scope: {DEFAULT} {a:.4f} vs random {b:.4f} ({'better' if a < b else 'worse'})")
         out.append(f"`{s}`: {label} " + "; ".join(parts) + ".")
     return out
 
@@ -336,7 +340,7 @@ def main() -> None:
             res["selections"] |= {f"{d}/{k}": v for k, v in mined.items() if k in todo}
             write_json(args.results, res)
         ids = [e.id for e in pool]
-        p2d_tokens = sum(pool_tokens[ids.index(i)] for i in res["selections"][f"{d}/p2d"]["ids"])
+        p2d_tokens = sum(pool_tokens[ids.index(i)] for i in res["selections"][f"{d}/{DEFAULT}"]["ids"])
         for s in args.seeds:
             res["selections"][f"{d}/random-s{s}"] = {"ids": random_ids(ids, count, s), "seconds": 0.0}
             res["selections"][f"{d}/random-tok-s{s}"] = {"ids": random_ids(ids, count, s, pool_tokens, p2d_tokens),

@@ -66,6 +66,14 @@ def main() -> None:
     """p2d: find a domain's attention heads, mine the data they respond to, train only them."""
 
 
+def template_option(f):
+    from p2d.tokens import TEMPLATES
+
+    return click.option("--template", type=click.Choice(TEMPLATES), default="auto",
+                        help="Prompt format: auto (the tokenizer's chat template if it has one, else alpaca), chat "
+                             "(every assistant turn trained), alpaca (the ALPS paper's), plain.")(f)
+
+
 def model_option(f):
     return click.option("--model", default="smollm2-135m",
                         help="Base model: embedded name, HF directory, .gguf file or hub id.")(f)
@@ -95,7 +103,8 @@ def localize_config(kw: dict):
 
     return LocalizeConfig(model=kw["model"], task_model=kw["task_model"], domain=kw["domain"],
                           proxy_data=kw["proxy_data"],
-                          proxy=ProxyConfig(samples=kw["proxy_samples"], steps=kw["proxy_steps"]),
+                          proxy=ProxyConfig(samples=kw["proxy_samples"], steps=kw["proxy_steps"],
+                                            template=kw["template"]),
                           head_frac=kw["head_frac"], metric=kw["metric"], variant=kw["variant"],
                           method=kw["head_method"])
 
@@ -103,6 +112,7 @@ def localize_config(kw: dict):
 @main.command()
 @model_option
 @proxy_options
+@template_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @config_option
 @user_errors
@@ -135,8 +145,10 @@ def mine_options(f):
                      help="Quality signal folded into p2d's rank: ifd-rank (IFD within an affinity shortlist), nll "
                           "(base response loss), ifd (drop IFD >= 1), reducible (base minus proxy task-model loss on "
                           "the shortlist; needs the task model), or none."),
-        click.option("--diversity", type=click.Choice(["none", "facility", "facility-quality"]), default="none",
-                     help="facility: pick the subset that best covers (facility location over the selector's "
+        click.option("--diversity", type=click.Choice(["auto", "none", "facility", "facility-quality"]),
+                     default="auto",
+                     help="auto: facility-quality for the p2d and embedding selectors with ifd-rank or reducible "
+                          "quality, none otherwise (baselines select as published). facility: pick the subset that best covers (facility location over the selector's "
                           "features) the top 2x candidates by score, instead of their top 1x; facility-quality: "
                           "the same, never taking a candidate in the shortlist's worst third by the quality signal."),
         click.option("--selector", type=click.Choice(["p2d", "p2d-paper", "rds", "ifd", "random", "embedding-mid",
@@ -163,6 +175,9 @@ def mine_options(f):
 @click.option("--dedup", default=None, type=float, help="Drop samples whose cosine to a kept one is >= this.")
 @click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto")
 @click.option("--max-length", default=128, help="Tokens read per sample.")
+@click.option("--mining-window", "window", default=None, type=int,
+              help="Read each sample's prompt and only its first N response tokens (default: as --max-length allows).")
+@template_option
 @click.option("--batch-size", default=16)
 @click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
 @click.option("--parquet", is_flag=True, help="Also write selected.parquet.")
@@ -242,6 +257,7 @@ SCOPE_HELP = ("heads: only the selected heads' q rows and their KV groups' k/v r
 @click.option("--lora-rank", default=128)
 @click.option("--overwrite", is_flag=True, help="Discard a checkpoint in --out that another run (other data or options) wrote.")
 @click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
+@template_option
 @train_options
 @click.option("--seed", default=0)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
@@ -267,7 +283,9 @@ def train(out: str, **kw) -> None:
 @click.option("--domain", type=click.Choice(["code", "math", "general"]), default="code")
 @model_option
 @click.option("--task-model", default=None, help="A ready fine-tuned model instead of the proxy run.")
-@click.option("--pool", default="p2d:default", help="The pool to mine (default: the embedded default pool).")
+@click.option("--pool", "--data", "pool", default="p2d:default",
+              help="The pool to mine (default: the embedded default pool); --data as in `p2d mine`.")
+@click.option("--fields", default=None, help="The pool's field map, e.g. 'instruction=q,output=a'.")
 @click.option("--proxy-data", default=None, help="Proxy data (default: the domain card's training data).")
 @click.option("--proxy-samples", default=64)
 @click.option("--proxy-steps", default=16)
@@ -278,6 +296,17 @@ def train(out: str, **kw) -> None:
               help=SCOPE_HELP)
 @click.option("--kv-scope", type=click.Choice(["shared", "none"]), default="shared",
               help="none: train only the heads' query rows, never a KV group shared with other heads.")
+@click.option("--train-o", is_flag=True, help="Also train the selected heads' o_proj columns.")
+@click.option("--lora-rank", default=128, help="Rank of --scope lora.")
+@click.option("--pooling", type=click.Choice(["mean", "last", "mean-all", "max", "weighted"]), default="mean",
+              help="How head features are pooled over a sample when mining.")
+@click.option("--quality-weight", default=None, type=float,
+              help="Weight of the quality rank against affinity when mining (default: per quality signal).")
+@click.option("--dedup", default=None, type=float, help="When mining, drop samples whose cosine to a kept one is >= this.")
+@click.option("--mine-max-length", default=128, help="Tokens read per sample when mining (prompt and response start).")
+@click.option("--mining-window", default=None, type=int,
+              help="When mining, read each sample's prompt and only its first N response tokens.")
+@template_option
 @train_options
 @click.option("--measure-reference", is_flag=True, help="Measure full-data full-parameter training in full.")
 @click.option("--reference-steps", default=12,
@@ -312,6 +341,7 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
               help="Base model: embedded name, HF directory, .gguf, hub id, or a config.json file (any size; no weights).")
 @click.option("--data", default="p2d:default", help="The pool (its token lengths are scanned).")
 @click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
+@template_option
 @click.option("--data-frac", default=0.1, type=float, help="Fraction of the pool kept.")
 @click.option("--head-frac", default=0.1, type=float, help="Fraction of heads trained.")
 @click.option("--scope", type=click.Choice(["heads", "alps", "full", "no-attn", "lora", "qkv"]), default="heads")
@@ -322,16 +352,14 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
 @click.option("--mfu", default=0.4, type=float, help="Model FLOP utilisation assumed with a named GPU.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the plan as JSON here.")
 @user_errors
-def plan(model: str, data: str, fields: str | None, out: str | None, max_length: int, **kw) -> None:
+def plan(model: str, data: str, fields: str | None, template: str, out: str | None, max_length: int, **kw) -> None:
     """Predict each stage's FLOPs, seconds and peak memory before running anything."""
     from p2d.pipelines.plan import plan_pool
     from p2d.plan import PlanConfig
 
-    if not 0 < kw["data_frac"] <= 1 or not 0 < kw["head_frac"] <= 1:
-        raise P2DError("--data-frac and --head-frac must be in (0, 1]")
-    if kw["epochs"] <= 0 or max_length <= 0 or not 0 < kw["mfu"] <= 1:
-        raise P2DError("--epochs and --max-length must be positive and --mfu in (0, 1]")
-    plan_pool(model, data, PlanConfig(train_max_length=max_length, **kw), out, fields)
+    cfg = PlanConfig(train_max_length=max_length, **kw)
+    cfg.validate()
+    plan_pool(model, data, cfg, out, fields, template)
 
 
 @main.command(name="eval")
@@ -341,19 +369,20 @@ def plan(model: str, data: str, fields: str | None, out: str | None, max_length:
 @click.option("--limit", default=None, type=int, help="Task problems to generate for (pass@1 / exact match).")
 @click.option("--nll-limit", default=None, type=int, help="Samples for the held-out NLL.")
 @click.option("--no-tasks", is_flag=True, help="Held-out NLL only, no generation.")
+@template_option
 @click.option("--unsafe-exec", is_flag=True,
               help="Run generated code for pass@1 without the Landlock sandbox (only where the kernel lacks it).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the results as JSON here.")
 @user_errors
 def eval_cmd(model: str, domain: str, eval_data: str | None, limit: int | None, nll_limit: int | None,
-             no_tasks: bool, unsafe_exec: bool, out: str | None) -> None:
+             no_tasks: bool, template: str, unsafe_exec: bool, out: str | None) -> None:
     """Held-out response NLL, plus HumanEval pass@1 (code) or GSM8K exact match (math)."""
     from rich.table import Table
 
     from p2d.evaluate import evaluate
 
     res = evaluate(model, domain, eval_source=eval_data, nll_limit=nll_limit, task_limit=limit,
-                   tasks=not no_tasks, out=out, unsafe_exec=unsafe_exec)
+                   tasks=not no_tasks, template=template, out=out, unsafe_exec=unsafe_exec)
     table = Table(title=f"{model} on {domain}")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -15,9 +15,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from p2d import P2DError
-from p2d.tokens import Example
+from p2d.tokens import Example, PackedTokens, tokenize
 
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ SCHEMAS = (
 )
 MESSAGE_FIELDS = ("messages", "conversations")
 ASSISTANT_ROLES = {"assistant", "gpt", "model", "bot"}
+USER_ROLES = {"human": "user", "user": "user"}  # other roles (system, tool, ...) pass through as named
 FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".parquet", ".csv")
 HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<config>[\w.-]+))?(?::(?P<split>[\w.-]+))?$")
 
@@ -70,11 +72,6 @@ class Records(list):
     def __init__(self, rows: list[dict], lines: list[int] | None = None):
         super().__init__(rows)
         self.lines = lines
-
-
-def _where(source: str, records: list[dict], i: int) -> str:
-    lines = getattr(records, "lines", None)
-    return f"{source}:{lines[i]}" if lines else f"{source}: record[{i}]"
 
 
 def _check_rows(source: str, rows: list, lines: list[int] | None = None) -> Records:
@@ -104,17 +101,33 @@ def _decode(raw: bytes, source: str, line: int | None = None) -> str:
                         "re-encode the file as UTF-8") from None
 
 
-def _read_jsonl(path: Path, source: str) -> Records:
+def _jsonl_chunks(path: Path, source: str, chunk_rows: int) -> Iterator[Records]:
+    """Records of a JSONL file, `chunk_rows` at a time, each with its line numbers."""
     rows, lines = [], []
     with _open_bytes(path) as f:
         for n, raw in enumerate(f, 1):
             line = _decode(raw, source, n)
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{source}:{n}: invalid JSON ({e.msg}, column {e.colno})") from e
+                if not isinstance(row, dict):
+                    raise DataError(f"{source}:{n}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
                 lines.append(n)
+                if len(rows) == chunk_rows:
+                    yield Records(rows, lines)
+                    rows, lines = [], []
+    if rows:
+        yield Records(rows, lines)
+
+
+def _read_jsonl(path: Path, source: str) -> Records:
+    rows, lines = [], []
+    for chunk in _jsonl_chunks(path, source, 1 << 16):
+        rows += chunk
+        lines += chunk.lines
     return _check_rows(source, rows, lines)
 
 
@@ -261,8 +274,10 @@ def _text(record: dict, key: str, where: str, optional: bool = False) -> str:
     return value
 
 
-def _from_messages(record: dict, key: str, where: str) -> tuple[str, str, str]:
-    """The last assistant turn is the response, the user turn before it the instruction, earlier turns the input."""
+def _from_messages(record: dict, key: str, where: str) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
+    """(instruction, input, response, conversation). For text templates the last assistant turn is the
+    response, the user turn before it the instruction, earlier turns the input; the conversation
+    (roles system/user/assistant, up to the last assistant turn) is what the chat template renders."""
     turns = record.get(key)
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field {key!r} must be a non-empty list of turns")
@@ -272,12 +287,14 @@ def _from_messages(record: dict, key: str, where: str) -> tuple[str, str, str]:
         content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
         if not isinstance(role, str) or not isinstance(content, str):
             raise DataError(f"{where}: field {key!r}[{j}] needs string 'role'/'from' and 'content'/'value'")
-        parsed.append((role.lower(), content))
-    last = max((j for j, (role, _) in enumerate(parsed) if role in ASSISTANT_ROLES), default=None)
+        role = role.lower()
+        parsed.append(("assistant" if role in ASSISTANT_ROLES else USER_ROLES.get(role, role), content))
+    last = max((j for j, (role, _) in enumerate(parsed) if role == "assistant"), default=None)
     if last is None or last == 0:
         raise DataError(f"{where}: field {key!r} has no assistant turn after a prompt turn")
     *context, (_, instruction) = parsed[:last]
-    return instruction, "\n\n".join(f"{role}: {text}" for role, text in context), parsed[last][1]
+    return (instruction, "\n\n".join(f"{role}: {text}" for role, text in context), parsed[last][1],
+            tuple(parsed[: last + 1]))
 
 
 def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:
@@ -288,43 +305,127 @@ def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -
     return (with_input if input.strip() else without).format(instruction=instruction, input=input)
 
 
+def single_turn(instruction: str, input: str, output: str) -> tuple[tuple[str, str], ...]:
+    """The conversation of an instruction record: one user turn (the input below the instruction), one answer."""
+    return ("user", f"{instruction}\n\n{input}" if input.strip() else instruction), ("assistant", output)
+
+
+def text_chat_template(tokenizer, template: str = "alpaca") -> str:
+    """A Jinja chat template that renders a conversation exactly as p2d trains on a text template, so a
+    model trained that way is served (vLLM, transformers' chat pipelines) in the format it learned."""
+    head, cue = TEMPLATES[template][1].split("{instruction}")
+    adds_bos = tokenizer.bos_token_id is not None and \
+        tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+    return (("{{ bos_token }}" if adds_bos else "")
+            + "{% for m in messages %}{% if m['role'] == 'user' %}{{ " + repr(head) + " + m['content'] + "
+            + repr(cue) + " }}{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}"
+            + "{% endfor %}")
+
+
+class _Converter:
+    """Records to Examples, chunk after chunk, with one schema, one id namespace and one row count."""
+
+    def __init__(self, source: str, fields: FieldMap | dict | str | None, template: str, domain: str | None):
+        self.source, self.fields, self.domain = source, parse_fields(fields), domain
+        self.text = template if template in TEMPLATES else "alpaca"
+        self.seen: dict[str, str] = {}
+        self.empty: list[str] = []
+        self.rows = self.kept = 0
+
+    def __call__(self, records: list[dict]) -> list[Example]:
+        if records and self.fields is None:
+            self.fields = detect_fields(records[0], self.source)
+        fields, examples = self.fields, []
+        for j, record in enumerate(records):
+            i = self.rows + j
+            lines = getattr(records, "lines", None)
+            where = f"{self.source}:{lines[j]}" if lines else f"{self.source}: record[{i}]"
+            if fields.messages:
+                instruction, input_, output, messages = _from_messages(record, fields.messages, where)
+            else:
+                instruction = _text(record, fields.instruction, where)
+                input_ = _text(record, fields.input, where, optional=True) if fields.input else ""
+                output = _text(record, fields.output, where)
+                messages = single_turn(instruction, input_, output)
+            if not instruction.strip() or not output.strip():
+                if len(self.empty) < 5:
+                    self.empty.append(where)
+                self.kept -= 1
+                continue
+            id_ = str(record["id"]) if record.get("id") is not None else str(i)
+            if id_ in self.seen:
+                raise DataError(f"{where}: duplicate id {id_!r} (also {self.seen[id_]})")
+            self.seen[id_] = where
+            record_domain = record.get("domain")
+            examples.append(Example(id=id_, prompt=format_prompt(instruction, input_, self.text), response=output,
+                                    domain=record_domain if isinstance(record_domain, str) else self.domain,
+                                    raw=record, messages=messages))
+        self.rows += len(records)
+        self.kept += len(records)
+        return examples
+
+    def finish(self) -> None:
+        if self.rows == 0:
+            raise DataError(f"{self.source}: no records")
+        if self.kept < self.rows:
+            log.warning("skipped %d record(s) with an empty instruction or response: %s", self.rows - self.kept,
+                        ", ".join(self.empty))
+        if self.kept == 0:
+            raise DataError(f"{self.source}: no records with a non-empty instruction and response")
+
+
 def to_examples(records: list[dict], source: str, fields: FieldMap | dict | str | None = None,
                 template: str = "alpaca", domain: str | None = None) -> list[Example]:
     """Examples from records; the schema is detected on the first record unless `fields` is given.
 
-    Records with an empty instruction or response are skipped with a warning rather than failing the
-    whole file: real sets have a few (Code Alpaca 2k has two), and they carry nothing to learn.
-    Missing or non-string fields are errors, since they mean a wrong schema or field map.
+    `template` sets the text prompt ("plain", else Alpaca); every example also carries its conversation
+    for the chat template. Records with an empty instruction or response are skipped with a warning
+    rather than failing the whole file: real sets have a few (Code Alpaca 2k has two), and they carry
+    nothing to learn. Missing or non-string fields are errors, since they mean a wrong schema or field map.
     """
-    if not records:
-        raise DataError(f"{source}: no records")
-    fields = parse_fields(fields) or detect_fields(records[0], source)
-    examples: list[Example] = []
-    seen: dict[str, int] = {}
-    empty: list[str] = []
-    for i, record in enumerate(records):
-        where = _where(source, records, i)
-        if fields.messages:
-            instruction, input_, output = _from_messages(record, fields.messages, where)
-        else:
-            instruction = _text(record, fields.instruction, where)
-            input_ = _text(record, fields.input, where, optional=True) if fields.input else ""
-            output = _text(record, fields.output, where)
-        if not instruction.strip() or not output.strip():
-            empty.append(where)
-            continue
-        id_ = str(record["id"]) if record.get("id") is not None else str(i)
-        if id_ in seen:
-            raise DataError(f"{where}: duplicate id {id_!r} (also {_where(source, records, seen[id_])})")
-        seen[id_] = i
-        record_domain = record.get("domain")
-        examples.append(Example(id=id_, prompt=format_prompt(instruction, input_, template), response=output,
-                                domain=record_domain if isinstance(record_domain, str) else domain, raw=record))
-    if empty:
-        log.warning("skipped %d record(s) with an empty instruction or response: %s", len(empty), ", ".join(empty[:5]))
-    if not examples:
-        raise DataError(f"{source}: no records with a non-empty instruction and response")
+    convert = _Converter(source, fields, template, domain)
+    examples = convert(records)
+    convert.finish()
     return examples
+
+
+def iter_examples(source: str, fields: FieldMap | dict | str | None = None, template: str = "alpaca",
+                  domain: str | None = None, chunk_rows: int = 8192) -> Iterator[list[Example]]:
+    """`load_examples` in chunks, for pools too large to hold as Python records: JSONL files (and
+    p2d:default) are read line by line; other formats are read whole, then handed out in chunks."""
+    convert = _Converter(source, fields, template, domain)
+    for records in _record_chunks(source, chunk_rows):
+        yield convert(records)
+    convert.finish()
+
+
+def load_tokens(source: str, tokenizer, max_length: int, template: str = "alpaca",
+                fields: FieldMap | dict | str | None = None, window: int | None = None) -> PackedTokens:
+    """A whole pool read, tokenized and packed chunk by chunk: memory grows with its tokens, not its records."""
+    return PackedTokens.pack(tokenize(chunk, tokenizer, max_length, template, window)
+                             for chunk in iter_examples(source, fields, template))
+
+
+def select_examples(source: str, ids: Iterable[str], fields: FieldMap | dict | str | None = None,
+                    template: str = "alpaca") -> list[Example]:
+    """The examples of `source` whose ids are in `ids`, in file order, read chunk by chunk."""
+    wanted = set(ids)
+    return [e for chunk in iter_examples(source, fields, template) for e in chunk if e.id in wanted]
+
+
+def _record_chunks(source: str, chunk_rows: int) -> Iterator[Records]:
+    path = Path(source).expanduser()
+    if source == "p2d:default":
+        from p2d import default_pool
+
+        path = default_pool.pool_path()
+    if path.is_file() and _suffix(path) in (".jsonl", ".jsonl.gz", ".ndjson"):
+        yield from _jsonl_chunks(path, source, chunk_rows)
+        return
+    records = load_records(source)
+    lines = getattr(records, "lines", None)
+    for s in range(0, len(records), chunk_rows):
+        yield Records(records[s: s + chunk_rows], lines[s: s + chunk_rows] if lines else None)
 
 
 def load_examples(source: str, fields: FieldMap | dict | str | None = None, template: str = "alpaca",

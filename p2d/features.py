@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from p2d import P2DError
 from p2d.geometry import AttentionGeometry, decoder_layers, projection
 from p2d.io import atomic_path, read_json, save_npy, write_json
 from p2d.loss import forward_token_nll, row_means, token_nll
-from p2d.tokens import IGNORE, Tokenized, collate, length_batches
+from p2d.tokens import IGNORE, PackedTokens, Tokenized, collate, length_batches, sample_ids, token_lengths
 
 POOLINGS = ("mean", "last", "mean-all", "max", "weighted")
 KINDS = ("heads", "hidden")
@@ -52,11 +52,12 @@ class FeatureResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def fingerprint(tokenized: list[Tokenized]) -> str:
-    """sha256 over ids, input_ids and labels: the features are a function of exactly these."""
-    h = hashlib.sha256()
-    for t in tokenized:
-        h.update(json.dumps([t.id, t.input_ids, t.labels], separators=(",", ":")).encode())
+def fingerprint(tokenized: Sequence[Tokenized]) -> str:
+    """sha256 over ids, token ids, trained positions and lengths: the features are a function of exactly these."""
+    packed = tokenized if isinstance(tokenized, PackedTokens) else PackedTokens.pack([list(tokenized)])
+    h = hashlib.sha256(json.dumps(packed.names, separators=(",", ":")).encode())
+    for a in (packed.ids, packed.trained, packed.offsets):
+        h.update(a.tobytes())
     return h.hexdigest()
 
 
@@ -196,9 +197,10 @@ def _short(v) -> str:
 
 def _progress(enabled: bool):
     """A rich bar with samples/s and ETA."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeRemainingColumn)
+    from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
+
+    from p2d.progress import Progress
 
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
@@ -218,7 +220,7 @@ def _shards(batches: list[list[int]], shard_samples: int) -> list[list[list[int]
     return [s for s in shards if s]
 
 
-def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple[int, int]] | None = None,
+def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[tuple[int, int]] | None = None,
                      kind: str = "heads", layers: Iterable[int] | None = None, pooling: str = "mean",
                      quality: str = "none", tokenizer=None, batch_size: int = 16, max_tokens: int = 8192,
                      store_dir: str | Path | None = None, model_id: str = "", progress: bool = True,
@@ -263,7 +265,7 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
             raise P2DError("quality 'ifd' needs the tokenizer (for the start token of the response-only pass)")
         start_id = start_token(tokenizer)
 
-    batches = length_batches([len(t) for t in tokenized], batch_size, max_tokens)
+    batches = length_batches(token_lengths(tokenized), batch_size, max_tokens)
     shards = _shards(batches, shard_samples)  # fixed before any work, so a rerun finds the same shards
     store = FeatureStore(store_dir) if store_dir is not None else None
     if world > 1 and (store is None or barrier is None):
@@ -280,6 +282,7 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
                 store.open(meta)
 
     stop = early_stop and quality == "none"
+    names = sample_ids(tokenized)
     n_tokens = 0
     done_feats: list[np.ndarray] = []
     done_quality: list[list[float] | None] = []
@@ -289,7 +292,7 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
         task = bar.add_task(f"{kind} features", total=len(tokenized))
         for si, shard in enumerate(shards):
             order = [i for b in shard for i in b]
-            ids = [tokenized[i].id for i in order]
+            ids = [names[i] for i in order]
             if si % world != rank:  # another rank's shard: read after the barrier below
                 continue
             if store and store.done(si, ids):
@@ -322,7 +325,7 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
         barrier()
         done_feats, done_quality = [], []
         for si, shard in enumerate(shards):
-            if not store.done(si, [tokenized[i].id for b in shard for i in b]):
+            if not store.done(si, [names[i] for b in shard for i in b]):
                 raise P2DError(f"feature store {store.path}: shard {si} is missing after every rank finished")
             feats, qual = store.read(si)
             done_feats.append(feats)
@@ -335,7 +338,7 @@ def extract_features(model, tokenized: list[Tokenized], *, heads: Iterable[tuple
     if quality != "none":
         qual_arr = np.empty(len(tokenized), dtype=np.float64)
         qual_arr[order] = np.array([v for q in done_quality for v in q], dtype=np.float64)
-    return FeatureResult([t.id for t in tokenized], features, qual_arr, seconds, n_tokens)
+    return FeatureResult(names, features, qual_arr, seconds, n_tokens)
 
 
 def _assemble(shard_feats: list[np.ndarray], order: np.ndarray, n: int, dim: int,
@@ -380,7 +383,7 @@ def nll_pass(model, tokenized: list[Tokenized], batch_size: int, max_tokens: int
     device = next(model.parameters()).device
     out = torch.empty(len(tokenized), dtype=torch.float64)
     n = 0
-    for b in length_batches([len(t) for t in tokenized], batch_size, max_tokens):
+    for b in length_batches(token_lengths(tokenized), batch_size, max_tokens):
         enc = {k: v.to(device) for k, v in collate([tokenized[i] for i in b], pad_id=0).items()}
         out[b] = row_means(*forward_token_nll(model, enc), len(b)).cpu()
         n += int(enc["attention_mask"].sum())

@@ -273,8 +273,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> ScopeInfo:
 
 
 def merge_adapter(base_spec: str | os.PathLike, adapter_dir: str | os.PathLike,
-                  out_dir: str | os.PathLike) -> Path:
-    """Base model + adapter -> a merged Hugging Face checkpoint at `out_dir` (written atomically)."""
+                  out_dir: str | os.PathLike, chat_template: str | None = None) -> Path:
+    """Base model + adapter -> a merged Hugging Face checkpoint at `out_dir` (written atomically).
+
+    `chat_template` replaces the tokenizer's, so the model is served in the format it was trained in."""
     from transformers import AutoModelForCausalLM
 
     from p2d.models import load_config, load_tokenizer, resolve_model, save_tokenizer
@@ -293,6 +295,8 @@ def merge_adapter(base_spec: str | os.PathLike, adapter_dir: str | os.PathLike,
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tok is not None:
+            if chat_template is not None:
+                tok.chat_template = chat_template
             save_tokenizer(tok, tmp)
         heads = Path(adapter_dir) / "heads.json"
         if heads.is_file():

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import faiss
@@ -49,7 +50,7 @@ from scipy.stats import rankdata
 from p2d import P2DError
 from p2d.features import extract_features, nll_pass, response_only, start_token
 from p2d.geometry import AttentionGeometry
-from p2d.tokens import IGNORE, Tokenized
+from p2d.tokens import IGNORE, Tokenized, sample_ids, token_lengths
 
 SELECTORS = ("p2d", "p2d-paper", "rds", "ifd", "random", "embedding-mid", "embedding-last")
 QUALITIES = ("none", "nll", "ifd", "ifd-rank", "reducible")
@@ -62,7 +63,10 @@ HEAD_SETS = ("alps", "random", "discriminative")
 IVF_ABOVE = 200_000
 MAX_PROTOTYPES = 16
 SEPARATION_SAMPLE = 256
-DIVERSITIES = ("none", "facility", "facility-quality")
+# auto: facility-quality where the selector folds in a shortlisted quality signal (p2d's default), else
+# none, so baselines (rds, ifd, random, p2d-paper) select as published
+DIVERSITIES = ("auto", "none", "facility", "facility-quality")
+FOLDS_QUALITY = ("p2d", "embedding-mid", "embedding-last")
 NEIGHBORS = 32  # facility location's k-nearest-neighbour graph
 DIVERSE_POOL = 2  # facility location picks the subset from the top DIVERSE_POOL x subset-size by score
 
@@ -351,10 +355,10 @@ def _usable(tokenized: list[Tokenized]) -> list[Tokenized]:
     return [t for t in tokenized if any(lab != IGNORE for lab in t.labels)]
 
 
-def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: float, selector: str = "p2d",
+def mine(model, pool: Sequence[Tokenized], target: list[Tokenized], *, data_frac: float, selector: str = "p2d",
          heads: list[tuple[int, int]] | None = None, head_set: str = "alps", n_heads: int | None = None,
          pooling: str = "mean", quality: str = "none", quality_weight: float | None = None, tokenizer=None,
-         task_model=None, max_layer: int | None = None, head_report: bool = False, diversity: str = "none",
+         task_model=None, max_layer: int | None = None, head_report: bool = False, diversity: str = "auto",
          dedup_threshold: float | None = None, index: str = "auto", seed: int = 0, batch_size: int = 16,
          max_tokens: int = 8192, store_dir=None, model_id: str = "", progress: bool = True,
          ranks: tuple[int, int, object] | None = None) -> MineResult:
@@ -377,8 +381,9 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
         raise P2DError(f"unknown head set {head_set!r}; choose one of {', '.join(HEAD_SETS)}")
     if diversity not in DIVERSITIES:
         raise P2DError(f"unknown diversity {diversity!r}; choose one of {', '.join(DIVERSITIES)}")
-    if diversity == "facility-quality" and (quality not in SHORTLISTED or selector not in ("p2d", "embedding-mid",
-                                                                                          "embedding-last")):
+    if diversity == "auto":
+        diversity = "facility-quality" if quality in SHORTLISTED and selector in FOLDS_QUALITY else "none"
+    if diversity == "facility-quality" and (quality not in SHORTLISTED or selector not in FOLDS_QUALITY):
         raise P2DError(f"--diversity facility-quality needs a shortlisted quality signal ({', '.join(SHORTLISTED)}) "
                        f"and a selector that folds it in (p2d, embedding-*)")
     if index not in ("auto", "flat", "ivf"):
@@ -401,8 +406,9 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
     if not usable_target and selector != "ifd":
         raise P2DError("the target set has no usable samples (no rows, or none with response tokens)")
     index = index if index != "auto" else ("ivf" if len(pool) > IVF_ABOVE else "flat")
-    ids = [t.id for t in pool]
+    ids = sample_ids(pool)
     summary: dict = {"selector": selector, "counts": {"pool": len(pool), "target": len(usable_target), "selected": count},
+                     "pool_tokens": int(sum(token_lengths(pool))),  # what the pool pass reads (the window sets it)
                      "data_frac": data_frac, "pooling": pooling, "quality": quality, "seed": seed,
                      "timings": {}}
     geom = AttentionGeometry.from_config(model.config)
@@ -492,7 +498,7 @@ def mine(model, pool: list[Tokenized], target: list[Tokenized], *, data_frac: fl
     return MineResult(ids, aff, qual, score, rank, selected, summary, res.features)
 
 
-def _choose_heads(model, geom: AttentionGeometry, pool: list[Tokenized], target: list[Tokenized],
+def _choose_heads(model, geom: AttentionGeometry, pool: Sequence[Tokenized], target: list[Tokenized],
                   alps: list[tuple[int, int]] | None, head_set: str, n_heads: int | None, seed: int,
                   max_layer: int | None, report: bool, kw: dict) -> tuple[list[tuple[int, int]], dict | None]:
     """The heads to mine with, and (when asked, or needed to pick them) every head set's separation.

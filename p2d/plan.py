@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from p2d import P2DError
 from p2d.flops import Shape, Trainable, forward, train_step, trainable_for
-from p2d.tokens import length_batches
+from p2d.tokens import PackedTokens, kept_span, length_batches
 
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0}
 # SmolLM2-135M's shape: the calibration model (random weights, nothing downloaded)
@@ -39,6 +40,7 @@ class PlanConfig:
     train_batch_size: int = 4
     train_max_length: int = 256
     mine_max_length: int = 128
+    mine_window: int | None = None  # response tokens mining reads (p2d mine --mining-window)
     mine_batch_size: int = 16
     mine_max_tokens: int = 8192
     shortlist: int = 3  # p2d.mining.SHORTLIST: the response-only pass over shortlist x subset rows
@@ -50,6 +52,17 @@ class PlanConfig:
     hardware: str = "calibrate"  # or a GPU in PEAK_BF16_TFLOPS
     mfu: float = 0.4  # for a named GPU
     seed: int = 0
+
+    def validate(self) -> None:
+        """Options that make no plan, named as `p2d plan` spells them."""
+        if not (0 < self.data_frac <= 1 and 0 < self.head_frac <= 1):
+            raise P2DError(f"--data-frac and --head-frac must be in (0, 1], got {self.data_frac} and {self.head_frac}")
+        if self.epochs <= 0 or self.train_max_length <= 0:
+            raise P2DError(f"--epochs and --max-length must be positive, got {self.epochs} and {self.train_max_length}")
+        if not 0 < self.mfu <= 1:
+            raise P2DError(f"--mfu must be in (0, 1], got {self.mfu}")
+        if self.hardware != "calibrate" and self.hardware not in PEAK_BF16_TFLOPS:
+            raise P2DError(f"--hardware must be calibrate or one of {', '.join(PEAK_BF16_TFLOPS)}, got {self.hardware!r}")
 
 
 @dataclass
@@ -71,9 +84,11 @@ def _batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None
 
 
 def _capped(lengths: Lengths, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """(total, labelled positions) per row after truncation to `cap` tokens."""
-    total = np.minimum(lengths.total, cap)
-    return total, np.clip(total - lengths.prompt, 0, None)
+    """(total, labelled positions) per row after truncation to `cap` tokens, by the tokenizer's own rule."""
+    spans = [kept_span(int(p), int(p + r), cap) for p, r in zip(lengths.prompt, lengths.response)]
+    start = np.array([s for s, _ in spans], dtype=np.int64).reshape(-1)
+    end = np.array([e for _, e in spans], dtype=np.int64).reshape(-1)
+    return end - start, end - np.maximum(start, lengths.prompt)
 
 
 def _train_flops(shape: Shape, lengths: Lengths, rows: np.ndarray, cap: int, batch_size: int, trainable: Trainable,
@@ -81,7 +96,7 @@ def _train_flops(shape: Shape, lengths: Lengths, rows: np.ndarray, cap: int, bat
     """(FLOPs, largest micro-batch tokens) of training on `rows`: an epoch of length-grouped steps, or `steps` of them."""
     total, labelled = _capped(Lengths(lengths.prompt[rows], lengths.response[rows]), cap)
     groups = length_batches(total.tolist(), batch_size)
-    flops = [train_step(shape, [(len(g), int(total[g].max()))], int(np.maximum(labelled[g] - 1, 0).sum()), trainable)
+    flops = [train_step(shape, [(len(g), int(total[g].max()))], int(labelled[g].sum()), trainable)
              for g in groups]
     run = epochs * sum(flops) if steps is None else sum(flops[i % len(flops)] for i in range(steps))
     return run, max(len(g) * int(total[g].max()) for g in groups)
@@ -89,7 +104,7 @@ def _train_flops(shape: Shape, lengths: Lengths, rows: np.ndarray, cap: int, bat
 
 def _forward_flops(shape: Shape, total: np.ndarray, labelled: np.ndarray, cfg: PlanConfig) -> int:
     groups = length_batches(total.tolist(), cfg.mine_batch_size, cfg.mine_max_tokens)
-    return sum(forward(shape, [(len(g), int(total[g].max()))], int(np.maximum(labelled[g] - 1, 0).sum()))
+    return sum(forward(shape, [(len(g), int(total[g].max()))], int(labelled[g].sum()))
                for g in groups)
 
 
@@ -118,12 +133,13 @@ def stage_flops(shape: Shape, lengths: Lengths, cfg: PlanConfig, subset: np.ndar
                                        steps=cfg.proxy_steps)
     # ALPS: W_o^h = Q_hᵀ·K_g·V_gᵀ per head, for the base and the task model
     localize = 2 * shape.layers * shape.heads * 2 * (2 * shape.hidden * shape.head_dim * shape.hidden)
-    total, labelled = _capped(lengths, cfg.mine_max_length)
+    read = lengths if cfg.mine_window is None else Lengths(lengths.prompt, np.minimum(lengths.response, cfg.mine_window))
+    total, labelled = _capped(read, cfg.mine_max_length)
     target = rng.choice(n, size=min(cfg.target_rows, n), replace=False)
     listed = rng.choice(n, size=min(cfg.shortlist * count, n), replace=False)
-    response_only = np.minimum(lengths.response[listed] + 1, cfg.mine_max_length)
+    # IFD's response-only pass: a start token and the labelled tokens mining read
     mine = (_forward_flops(shape, total, labelled, cfg) + _forward_flops(shape, total[target], labelled[target], cfg)
-            + _forward_flops(shape, response_only, response_only - 1, cfg))
+            + _forward_flops(shape, labelled[listed] + 1, labelled[listed], cfg))
     subset = subset if subset is not None else rng.choice(n, size=count, replace=False)
     train, train_tokens = _train_flops(shape, lengths, subset, cfg.train_max_length, cfg.train_batch_size,
                                        trainable_for(cfg.scope, shape, heads, kv_scope=cfg.kv_scope),
@@ -274,15 +290,18 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
                             "peak memory is approximate (p2d/plan.py: peak_memory)"]}
 
 
-def scan(records: list, tokenizer=None) -> Lengths:
-    """Prompt/response token counts of each example (tokenized), or bytes/4 without a tokenizer."""
-    if tokenizer is None:
-        p = np.array([len(e.prompt.encode()) // 4 + 1 for e in records])
-        r = np.array([len(e.response.encode()) // 4 + 1 for e in records])
-        return Lengths(p, r, "bytes / 4 (no tokenizer)")
-    p = np.array([len(x) for x in tokenizer([e.prompt for e in records], add_special_tokens=True)["input_ids"]])
-    r = np.array([len(x) + 1 for x in tokenizer([e.response for e in records], add_special_tokens=False)["input_ids"]])
-    return Lengths(p, r)
+def scan(tokens: PackedTokens) -> Lengths:
+    """Context/labelled token counts of each sample as trained (tokenized uncut, see `p2d.data.load_tokens`)."""
+    total = np.diff(tokens.offsets)
+    labelled = np.add.reduceat(tokens.trained.astype(np.int64), tokens.offsets[:-1]) if len(tokens) else total
+    return Lengths(total - labelled, labelled)
+
+
+def scan_bytes(examples: list) -> Lengths:
+    """Token counts guessed as bytes / 4, for a model given as a bare config.json (no tokenizer)."""
+    p = np.array([len(e.prompt.encode()) // 4 + 1 for e in examples])
+    r = np.array([len(e.response.encode()) // 4 + 1 for e in examples])
+    return Lengths(p, r, "bytes / 4 (no tokenizer)")
 
 
 def plan_table(plan: dict):

@@ -12,12 +12,14 @@ cost down; it does not cover drift of the machine after the probe.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.optimize import nnls
 
-from p2d.tokens import Tokenized
+from p2d import P2DError
+from p2d.tokens import Tokenized, token_lengths
 
 BOOTSTRAP = 1000
 
@@ -61,15 +63,17 @@ def estimate(seconds: np.ndarray, timed: np.ndarray, plan: np.ndarray, epochs: i
     return {"seconds": total, "interval": [float(lo), float(hi)]}
 
 
-def estimate_reference(model_spec: str, data: list[Tokenized], pad_id: int, config, ref: ReferenceConfig) -> dict:
-    """Full-parameter training of all of `data` for `config`'s epochs: timed steps of its plan, fitted, summed."""
+def estimate_reference(model_spec: str, data: Sequence[Tokenized], pad_id: int, config, ref: ReferenceConfig) -> dict:
+    """Full-parameter training of all of `data` (tokenized at `config.max_length`, packed or not) for
+    `config`'s epochs: timed steps of its plan, fitted, summed."""
     from p2d.geometry import AttentionGeometry
     from p2d.masking import apply_scope
     from p2d.models import load_model
     from p2d.trainer import step_plan, time_steps
 
-    data = [Tokenized(t.id, t.input_ids[: config.max_length], t.labels[: config.max_length]) for t in data]
-    lengths = [len(t) for t in data]
+    lengths = token_lengths(data)
+    if max(lengths) > config.max_length:
+        raise P2DError(f"reference: samples of up to {max(lengths)} tokens, but training cuts at {config.max_length}")
     plan = step_plan(lengths, config, 0)
     feats = step_features(lengths, plan)
     picks = stratified(feats, ref.steps)

@@ -100,8 +100,9 @@ class HeadSelection:
 
 def write_heads_json(path: str | os.PathLike, scores: np.ndarray, selected: list[tuple[int, int]],
                      geom: AttentionGeometry, model: str, task_model: str, metric: str, tau: float,
-                     head_frac: float, method: str) -> None:
-    """Write heads.json atomically (see the module docstring for the contract)."""
+                     head_frac: float, method: str, template: str | None = None) -> None:
+    """Write heads.json atomically (see the module docstring for the contract). `template`: the prompt
+    format the proxy task model was trained with (None for a user's task model)."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (geom.num_layers, geom.num_heads):
         raise P2DError(f"scores shape {scores.shape} does not match the model "
@@ -113,7 +114,8 @@ def write_heads_json(path: str | os.PathLike, scores: np.ndarray, selected: list
             for layer, head in selected]
     rows.sort(key=lambda r: r["rank"])
     write_json(path, {"model": str(model), "task_model": str(task_model), "metric": metric, "tau": float(tau),
-                      "head_frac": float(head_frac), "method": method, **geom.as_dict(), "selected": rows})
+                      "head_frac": float(head_frac), "method": method, "template": template, **geom.as_dict(),
+                      "selected": rows})
 
 
 def read_heads_json(path: str | os.PathLike, geom: AttentionGeometry | None = None) -> HeadSelection:

@@ -6,23 +6,36 @@ same thing everywhere: the loss and the pooled head features cover exactly the l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
 import torch
 
+from p2d import P2DError
+
 IGNORE = -100
+# auto: the tokenizer's chat template when it has one, else Alpaca. chat: that template (every
+# assistant turn trained). alpaca/plain: p2d.data's text prompt, the last assistant turn trained.
+TEMPLATES = ("auto", "chat", "alpaca", "plain")
 
 
 @dataclass
 class Example:
-    """One instruction-response pair. `raw` is the record as read, kept untouched for exports."""
+    """One example, in both forms a template needs. `raw` is the record as read, kept untouched for exports.
+
+    `prompt`/`response`: the text prompt (Alpaca or plain) and the last assistant turn. `messages`:
+    the conversation as (role, content) pairs with roles system/user/assistant, ending on an
+    assistant turn, which the chat template renders.
+    """
 
     id: str
     prompt: str
     response: str
     domain: str | None = None
     raw: dict = field(default_factory=dict)
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -35,24 +48,168 @@ class Tokenized:
         return len(self.input_ids)
 
 
-def tokenize(examples: Iterable[Example], tokenizer, max_length: int = 512) -> list[Tokenized]:
-    """Prompt + response + EOS; the loss covers response and EOS only.
+class PackedTokens(Sequence):
+    """Tokenized samples in flat arrays (int32 ids, a trained-position mask, offsets): a pool costs
+    5 bytes a token instead of two Python lists, so a million rows fit in memory. Indexing gives a
+    `Tokenized`, so everything that reads samples reads these too."""
 
-    Over-long samples keep the end of the prompt (the instruction's last words and the
-    "### Response:" cue) and as much of the response as fits, so none loses all its labels.
+    def __init__(self, names: list[str], ids: np.ndarray, trained: np.ndarray, offsets: np.ndarray):
+        self.names, self.ids, self.trained, self.offsets = names, ids, trained, offsets
+
+    @classmethod
+    def pack(cls, chunks: Iterable[list[Tokenized]]) -> "PackedTokens":
+        names, ids, labels, lengths = [], [], [], []
+        for chunk in chunks:  # flattened chunk by chunk: only one chunk is ever held as Python lists
+            names += [t.id for t in chunk]
+            lengths += [len(t) for t in chunk]
+            ids.append(np.fromiter((x for t in chunk for x in t.input_ids), dtype=np.int32))
+            labels.append(np.fromiter((x != IGNORE for t in chunk for x in t.labels), dtype=bool))
+        offsets = np.zeros(len(names) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(names, np.concatenate(ids or [np.zeros(0, np.int32)]),
+                   np.concatenate(labels or [np.zeros(0, bool)]), offsets)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        a, b = self.offsets[i], self.offsets[i + 1]
+        ids = self.ids[a:b]
+        return Tokenized(self.names[i], ids.tolist(), np.where(self.trained[a:b], ids, IGNORE).tolist())
+
+    def lengths(self) -> list[int]:
+        return np.diff(self.offsets).tolist()
+
+
+def token_lengths(tokenized: Sequence[Tokenized]) -> list[int]:
+    """Each sample's length, without building every sample of a packed pool."""
+    return tokenized.lengths() if isinstance(tokenized, PackedTokens) else [len(t) for t in tokenized]
+
+
+def sample_ids(tokenized: Sequence[Tokenized]) -> list[str]:
+    return list(tokenized.names) if isinstance(tokenized, PackedTokens) else [t.id for t in tokenized]
+
+
+def resolve_template(template: str, tokenizer) -> str:
+    """`auto` made concrete for this tokenizer: "chat" if it has a chat template, else "alpaca"."""
+    if template not in TEMPLATES:
+        raise P2DError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has_chat:
+        raise P2DError("--template chat: this model's tokenizer has no chat template; use --template alpaca")
+    if template == "auto":
+        return "chat" if has_chat else "alpaca"
+    return template
+
+
+def check_template(template: str, model_spec: str) -> None:
+    """`resolve_template` before any model loads: reads only the tokenizer, and only when it matters."""
+    if template not in TEMPLATES or template == "chat":
+        from p2d.models import load_tokenizer
+
+        resolve_template(template, load_tokenizer(model_spec) if template == "chat" else None)
+
+
+def _chat(tokenizer, messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, trained) pieces: every assistant turn (with its end-of-turn
+    marker) is trained, everything else is context.
+
+    Pieces come from rendering ever longer prefixes of the conversation. A template that rewrites
+    earlier turns (some drop past reasoning) breaks that prefix property; then only the last
+    assistant turn is trained, as its own prefix always holds.
+    """
+    msgs = example.messages
+    turns = [i for i, (role, _) in enumerate(msgs) if role == "assistant"]
+    if not turns:
+        raise P2DError(f"example {example.id!r}: no assistant turn to train")
+    try:
+        pieces, done = [], ""
+        for i in turns:
+            head, full = _chat(tokenizer, msgs[:i], True), _chat(tokenizer, msgs[: i + 1], False)
+            if not (head.startswith(done) and full.startswith(head)):
+                head, full = _chat(tokenizer, msgs[: turns[-1]], True), _chat(tokenizer, msgs[: turns[-1] + 1], False)
+                if not full.startswith(head):
+                    raise P2DError(f"example {example.id!r}: the chat template does not render the prompt as a "
+                                   f"prefix of the conversation; use --template alpaca")
+                return [(head, False), (full[len(head):], True)]
+            pieces += [(head[len(done):], False), (full[len(head):], True)]
+            done = full
+    except P2DError:
+        raise
+    except Exception as e:  # jinja raises its own errors (e.g. roles a template rejects)
+        raise P2DError(f"example {example.id!r}: the chat template failed ({type(e).__name__}: {e}); "
+                       f"use --template alpaca") from e
+    return pieces
+
+
+def prompt_text(example: Example, tokenizer, template: str) -> str:
+    """What the model is shown before it answers: the text prompt, or the chat up to the last
+    assistant turn with the template's generation cue."""
+    if template != "chat":
+        return example.prompt
+    last = max(i for i, (role, _) in enumerate(example.messages) if role == "assistant")
+    return _chat(tokenizer, example.messages[:last], True)
+
+
+def kept_span(first: int, n: int, max_length: int) -> tuple[int, int]:
+    """[start, end) of the tokens a sample of `n` tokens (first label at `first`) keeps.
+
+    Over-long samples keep the end of the prompt (the instruction's last words and the response
+    cue) and as much of the response as fits, so none loses all its labels. `p2d plan` predicts
+    lengths with this same rule.
+    """
+    if n <= max_length:
+        return 0, n
+    start = first - min(first, max(max_length // 2, max_length - (n - first)))
+    return start, start + max_length
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int,
+              window: int | None = None) -> tuple[list[int], list[int]]:
+    first = next((j for j, x in enumerate(labels) if x != IGNORE), len(labels))
+    if window is not None:
+        ids, labels = ids[: first + window], labels[: first + window]
+    start, end = kept_span(first, len(ids), max_length)
+    return ids[start:end], labels[start:end]
+
+
+def tokenize(examples: Iterable[Example], tokenizer, max_length: int = 512, template: str = "alpaca",
+             window: int | None = None) -> list[Tokenized]:
+    """Token ids with labels on the trained positions only.
+
+    Text templates: prompt (with the tokenizer's special tokens) + response + EOS, the loss on
+    response and EOS. The chat template: the rendered conversation (its own special tokens), the
+    loss on every assistant turn and its end-of-turn marker. `window`: keep only the first `window`
+    tokens from the first trained one (mining reads a sample's prompt and the start of its answer).
     """
     examples = list(examples)
+    template = resolve_template(template, tokenizer)
+    out = []
+    if template == "chat":
+        segments = [chat_segments(e, tokenizer) for e in examples]
+        flat = tokenizer([text for seg in segments for text, _ in seg], add_special_tokens=False)["input_ids"]
+        n = 0
+        for ex, seg in zip(examples, segments):
+            ids, labels = [], []
+            for (_, trained), piece in zip(seg, flat[n: n + len(seg)]):
+                ids += piece
+                labels += piece if trained else [IGNORE] * len(piece)
+            n += len(seg)
+            out.append(Tokenized(ex.id, *_truncate(ids, labels, max_length, window)))
+        return out
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
     responses = tokenizer([e.response for e in examples], add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out = []
     for ex, p, r in zip(examples, prompts, responses):
         r = r + eos
-        if len(p) + len(r) > max_length:
-            keep_p = min(len(p), max(max_length // 2, max_length - len(r)))
-            p = p[len(p) - keep_p:]
-            r = r[: max_length - len(p)]
-        out.append(Tokenized(ex.id, p + r, [IGNORE] * len(p) + r))
+        out.append(Tokenized(ex.id, *_truncate(p + r, [IGNORE] * len(p) + r, max_length, window)))
     return out
 
 

@@ -430,7 +430,9 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
                            "use the same options or another output directory")
         resumed_from = state["step"]
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from p2d.progress import Progress
 
     log = _open_log(out_dir / LOG, state["step"]) if run.rank == 0 else None
 

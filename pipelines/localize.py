@@ -11,7 +11,7 @@ from rich.table import Table
 
 from p2d import P2DError
 from p2d.geometry import AttentionGeometry
-from p2d.io import save_npy, write_json
+from p2d.io import read_json, save_npy, write_json
 from p2d.models import DEFAULT_MODEL, load_config, resolve_model
 from p2d.proxy import ProxyConfig
 
@@ -51,21 +51,43 @@ def proxy_source(cfg: LocalizeConfig) -> str:
     return cfg.proxy_data or load_card(cfg.domain).train_source()
 
 
+def proxy_key(cfg: LocalizeConfig) -> str:
+    """What a cached proxy task model was made from: the base's and the data's content, and the proxy options."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from p2d.io import input_digest
+    from p2d.models import model_digest
+
+    blob = {"model": model_digest(cfg.model), "data": input_digest(proxy_source(cfg)), "proxy": asdict(cfg.proxy)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def make_task_model(cfg: LocalizeConfig, out_dir: Path, progress: bool = True) -> str:
-    """The task model: the user's, or a proxy fine-tune on the domain's data (cached in out_dir/proxy)."""
+    """The task model: the user's, or a proxy fine-tune on the domain's data (cached in out_dir/proxy,
+    reused only while base, data and proxy options are those it was made from)."""
     if cfg.task_model:
         return resolve_model(cfg.task_model)
     from p2d.data import load_examples
     from p2d.proxy import run_proxy
 
-    task_dir = out_dir / "proxy" / "task_model"
-    if (task_dir / "config.json").is_file():
+    task_dir, record = out_dir / "proxy" / "task_model", out_dir / "proxy" / "proxy.json"
+    key = proxy_key(cfg)
+    if (task_dir / "config.json").is_file() and record.is_file() and read_json(record).get("key") == key:
         return str(task_dir)
     source = proxy_source(cfg)
-    examples = load_examples(source, domain=cfg.domain, limit=cfg.proxy.samples)
+    examples = load_examples(source, template=_card_text(cfg), domain=cfg.domain, limit=cfg.proxy.samples)
     console.print(f"[bold]proxy[/] fine-tuning {cfg.model} on {len(examples)} samples of {source} "
                   f"({cfg.proxy.steps} steps, scope {cfg.proxy.scope})")
-    return str(run_proxy(cfg.model, examples, out_dir / "proxy", cfg.proxy, progress=progress))
+    return str(run_proxy(cfg.model, examples, out_dir / "proxy", cfg.proxy, progress=progress, key=key))
+
+
+def _card_text(cfg: LocalizeConfig) -> str:
+    """The text template of the domain's card (used where no chat template applies)."""
+    from p2d.cards import load_card
+
+    return load_card(cfg.domain).template if cfg.domain and not cfg.proxy_data else "alpaca"
 
 
 def score_and_select(cfg: LocalizeConfig, task_model: str, out_dir: Path) -> Path:
@@ -80,17 +102,16 @@ def score_and_select(cfg: LocalizeConfig, task_model: str, out_dir: Path) -> Pat
     scores = score_heads(base_dir, task_model, metric=cfg.metric, tau=cfg.tau, variant=cfg.variant)
     selected = select_heads(scores, cfg.head_frac, method=cfg.method, seed=cfg.seed)
     save_npy(out_dir / "head_scores.npy", scores)
-    heads_path = out_dir / "heads.json"
+    heads_path, record = out_dir / "heads.json", out_dir / "proxy" / "proxy.json"
+    template = read_json(record).get("template") if not cfg.task_model and record.is_file() else None
     write_heads_json(heads_path, scores, selected, geom, model=cfg.model, task_model=str(task_model),
-                     metric=cfg.metric, tau=cfg.tau, head_frac=cfg.head_frac, method=cfg.method)
+                     metric=cfg.metric, tau=cfg.tau, head_frac=cfg.head_frac, method=cfg.method, template=template)
     plot_head_scores(scores, selected, out_dir / "heads.png",
                      title=f"ALPS {cfg.metric} scores, {len(selected)} of {scores.size} heads selected")
     return heads_path
 
 
 def heads_table(heads_path: Path, top: int = 10) -> Table:
-    from p2d.io import read_json
-
     info = read_json(heads_path)
     table = Table(title=f"top heads ({len(info['selected'])} selected of "
                         f"{info['num_layers'] * info['num_heads']}, metric {info['metric']})")

@@ -35,18 +35,26 @@ class MineConfig:
     quality_weight: float | None = None  # None: p2d.mining.QUALITY_WEIGHT for the quality signal
     task_model: str | None = None  # quality "reducible": the proxy fine-tune (default: heads.json's task_model)
     selector: str = "p2d"
-    diversity: str = "none"  # facility: cover the quality-ranked candidates instead of taking their top
+    # auto = facility-quality for p2d: cover the top 2x candidates (facility location), never taking the
+    # shortlist's worst third by IFD; better than the plain top (none) on 4 of 5 held-out sets
+    # (docs/BENCHMARKS.md#selection). Baseline selectors get none.
+    diversity: str = "auto"
     pooling: str = "mean"
     dedup: float | None = None
     index: str = "auto"
     max_length: int = 128  # tokens read per sample: the prompt and the start of the response place it
+    window: int | None = None  # and of the response at most this many (None: as many as max_length allows)
+    template: str = "auto"  # p2d.tokens.TEMPLATES: the prompt format samples are read in (as trained)
     batch_size: int = 16
     parquet: bool = False
     fields: str | None = None
     seed: int = 0
 
     def validate(self) -> None:
+        from p2d.tokens import check_template
+
         self.validate_options()
+        check_template(self.template, self.model)
         if self.selector == "p2d" and self.mining_heads == "alps" and not self.heads:
             raise P2DError("--mining-heads alps needs --heads heads.json (from `p2d localize`)")
         if self.heads and not Path(self.heads).is_file():
@@ -60,10 +68,15 @@ class MineConfig:
     def validate_options(self) -> None:
         """The checks that need no input file (also what `p2d run` checks before its first stage)."""
         from p2d.mining import DIVERSITIES, QUALITIES, SELECTORS, SHORTLISTED, n_selected
+        from p2d.tokens import TEMPLATES
 
         n_selected(self.data_frac, 1)
+        if self.template not in TEMPLATES:
+            raise P2DError(f"--template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if self.max_length <= 0 or self.batch_size <= 0:
             raise P2DError("--max-length and --batch-size must be positive")
+        if self.window is not None and self.window <= 0:
+            raise P2DError(f"--mining-window must be positive, got {self.window}")
         if self.selector not in SELECTORS:
             raise P2DError(f"--selector must be one of {', '.join(SELECTORS)}, got {self.selector!r}")
         if self.diversity not in DIVERSITIES:
@@ -75,6 +88,12 @@ class MineConfig:
         if self.diversity == "facility-quality" and self.quality not in SHORTLISTED:
             raise P2DError(f"--diversity facility-quality needs --quality {' or '.join(SHORTLISTED)}, "
                            f"got {self.quality!r}")
+        from p2d.features import POOLINGS
+
+        if self.pooling not in POOLINGS:
+            raise P2DError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.dedup is not None and not 0 < self.dedup <= 1:
+            raise P2DError(f"--dedup is a cosine threshold in (0, 1], got {self.dedup}")
         if self.mining_max_layer is not None and self.mining_max_layer < 0:
             raise P2DError(f"--mining-max-layer must be 0 or more, got {self.mining_max_layer}")
 
@@ -114,12 +133,12 @@ def target_source(cfg: MineConfig) -> str:
 
 def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Run the mine command; returns the summary written to out_dir/mine.json."""
-    from p2d.data import load_examples
+    from p2d.data import load_examples, load_tokens, select_examples
     from p2d.exports import export_subset
     from p2d.mining import mine
     from p2d.models import load_model
     from p2d.selection import read_heads_json
-    from p2d.tokens import tokenize
+    from p2d.tokens import resolve_template, tokenize
 
     cfg.validate()
     out_dir = Path(out_dir)
@@ -128,16 +147,17 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
     geom = AttentionGeometry.from_config(load_config(cfg.model))
     heads = read_heads_json(cfg.heads, geom).heads if cfg.heads else None  # wrong model: fails before any work
     start = time.perf_counter()
-    pool = load_examples(cfg.data, fields=cfg.fields)
-    tsource = target_source(cfg) if (cfg.target or cfg.domain) else None
-    target = load_examples(tsource, domain=cfg.domain) if tsource else []
     model, tok = load_model(cfg.model)
+    template = resolve_template(cfg.template, tok)
+    pool = load_tokens(cfg.data, tok, cfg.max_length, template, cfg.fields, cfg.window)  # packed: a million rows fit
+    tsource = target_source(cfg) if (cfg.target or cfg.domain) else None
+    target = load_examples(tsource, domain=cfg.domain, template=template) if tsource else []
     task_model = load_model(cfg.task_model_path())[0] if cfg.needs_task_model() else None
     load_s = time.perf_counter() - start
     if rank == 0:
         console.print(f"[bold]mine[/] {len(pool)} pool samples from {cfg.data}, target {len(target)} from {tsource}, "
                       f"selector {cfg.selector}" + (f", heads {cfg.mining_heads}" if cfg.selector == "p2d" else ""))
-    result = mine(model, tokenize(pool, tok, cfg.max_length), tokenize(target, tok, cfg.max_length),
+    result = mine(model, pool, tokenize(target, tok, cfg.max_length, template, cfg.window),
                   data_frac=cfg.data_frac, selector=cfg.selector, heads=heads, head_set=cfg.mining_heads,
                   n_heads=None if heads else max(1, round(0.1 * geom.total_heads)), pooling=cfg.pooling,
                   quality=cfg.quality, quality_weight=cfg.quality_weight, tokenizer=tok, task_model=task_model,
@@ -148,9 +168,12 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
     if rank != 0:  # every rank made the same selection; rank 0 writes it
         return result.summary
     start = time.perf_counter()
-    paths = export_subset(out_dir, pool, result, source_format=Path(cfg.data).suffix, parquet=cfg.parquet,
+    kept = select_examples(cfg.data, [i for i, keep in zip(result.ids, result.selected) if keep], cfg.fields, template)
+    paths = export_subset(out_dir, kept, result, source_format=Path(cfg.data).suffix, parquet=cfg.parquet,
+                          fields=cfg.fields,
                           axolotl=axolotl_settings(model, heads, resolve_model(cfg.model)))
-    summary = {"model": cfg.model, "pool": cfg.data, "target": tsource, "heads_file": cfg.heads,
+    summary = {"model": cfg.model, "pool": cfg.data, "target": tsource, "heads_file": cfg.heads, "template": template,
+               "window": cfg.window,
                "task_model": cfg.task_model_path() if cfg.needs_task_model() else None,
                "mining_heads": cfg.mining_heads if cfg.selector == "p2d" else None, **result.summary,
                "outputs": {k: str(v) for k, v in paths.items()}}

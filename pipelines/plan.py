@@ -9,7 +9,7 @@ from rich.console import Console
 
 from p2d import P2DError
 from p2d.io import write_json
-from p2d.plan import Lengths, PlanConfig, make_plan, plan_table, scan
+from p2d.plan import Lengths, PlanConfig, make_plan, plan_table, scan, scan_bytes
 
 console = Console(stderr=True)
 
@@ -26,24 +26,27 @@ def model_config(spec: str):
     return load_config(spec)
 
 
-def scan_pool(model: str, data: str, fields: str | None = None, proxy_data: str | None = None
-              ) -> tuple[object, Lengths, Lengths | None]:
-    """(model config, the pool's token lengths, the proxy data's when given): all a plan reads."""
-    from p2d.data import load_examples
+def scan_pool(model: str, data: str, fields: str | None = None, proxy_data: str | None = None,
+              template: str = "auto") -> tuple[object, Lengths, Lengths | None]:
+    """(model config, the pool's token lengths, the proxy data's when given): all a plan reads.
+    Without a tokenizer (a bare config.json) lengths are bytes / 4 whatever the template."""
+    from p2d.data import load_examples, load_tokens
 
     config = model_config(model)
-    tokenizer = None
-    if not model.endswith(".json"):
-        from p2d.models import load_tokenizer
+    if model.endswith(".json"):
+        proxy = scan_bytes(load_examples(proxy_data)) if proxy_data else None
+        return config, scan_bytes(load_examples(data, fields=fields)), proxy
+    from p2d.models import load_tokenizer
 
-        tokenizer = load_tokenizer(model)
-    proxy = scan(load_examples(proxy_data), tokenizer) if proxy_data else None
-    return config, scan(load_examples(data, fields=fields), tokenizer), proxy
+    tok = load_tokenizer(model)
+    proxy = scan(load_tokens(proxy_data, tok, 2**31, template)) if proxy_data else None
+    return config, scan(load_tokens(data, tok, 2**31, template, fields)), proxy
 
 
-def plan_pool(model: str, data: str, cfg: PlanConfig, out: str | Path | None = None, fields: str | None = None) -> dict:
+def plan_pool(model: str, data: str, cfg: PlanConfig, out: str | Path | None = None, fields: str | None = None,
+              template: str = "auto") -> dict:
     """Scan the pool's token lengths, predict each stage, print the table; write plan.json to `out` if given."""
-    config, lengths, _ = scan_pool(model, data, fields)
+    config, lengths, _ = scan_pool(model, data, fields, template=template)
     plan = make_plan(config, lengths, cfg)
     plan["model"]["spec"], plan["pool"] = model, data
     console.print(plan_table(plan))

@@ -8,7 +8,7 @@ and everything after it. Changing a stage's options re-runs that stage and the o
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -40,6 +40,7 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     task_model: str | None = None
     pool: str = DEFAULT_POOL
+    fields: str | None = None  # the pool's field map (mining, training and the reference read it the same way)
     target: str | None = None
     proxy_data: str | None = None
     data_frac: float = 0.1
@@ -52,9 +53,16 @@ class RunConfig:
     quality: str = MineConfig.quality
     selector: str = "p2d"
     diversity: str = MineConfig.diversity
+    quality_weight: float | None = None
+    pooling: str = MineConfig.pooling
+    dedup: float | None = None
     scope: str = "heads"
     kv_scope: str = "shared"
-    mine_max_length: int = 128
+    train_o: bool = False
+    lora_rank: int = TrainRunConfig.lora_rank
+    mine_max_length: int = MineConfig.max_length
+    mining_window: int | None = None
+    template: str = "auto"  # p2d.tokens.TEMPLATES, for every stage: proxy, mining, training and reference
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=DEFAULT_LR["heads"], epochs=DEFAULT_EPOCHS,
                                                                    max_length=256))
@@ -66,7 +74,8 @@ class RunConfig:
 
     def localize_config(self) -> LocalizeConfig:
         return LocalizeConfig(model=self.model, task_model=self.task_model, domain=self.domain,
-                              proxy_data=self.proxy_data, proxy=self.proxy, head_frac=self.head_frac,
+                              proxy_data=self.proxy_data, proxy=replace(self.proxy, template=self.template),
+                              head_frac=self.head_frac,
                               metric=self.metric, method=self.head_method, seed=self.seed)
 
     def mine_config(self, heads: str, task_model: str | None = None) -> MineConfig:
@@ -74,14 +83,18 @@ class RunConfig:
                           task_model=task_model,
                           data_frac=self.data_frac, mining_heads=self.mining_heads,
                           mining_max_layer=self.mining_max_layer, head_report=self.head_report, quality=self.quality,
-                          diversity=self.diversity,
-                          selector=self.selector, max_length=self.mine_max_length, seed=self.seed)
+                          diversity=self.diversity, quality_weight=self.quality_weight, pooling=self.pooling,
+                          dedup=self.dedup, fields=self.fields,
+                          selector=self.selector, max_length=self.mine_max_length, window=self.mining_window,
+                          template=self.template,
+                          seed=self.seed)
 
     def plan_config(self) -> PlanConfig:
         return PlanConfig(data_frac=self.data_frac, head_frac=self.head_frac, scope=self.scope, kv_scope=self.kv_scope,
                           epochs=self.train.epochs if self.train.max_steps is None else 1,
                           train_batch_size=self.train.batch_size * self.train.grad_accum,
                           train_max_length=self.train.max_length, mine_max_length=self.mine_max_length,
+                          mine_window=self.mining_window,
                           proxy_samples=self.proxy.samples, proxy_steps=0 if self.task_model else self.proxy.steps,
                           proxy_batch_size=self.proxy.batch_size, proxy_max_length=self.proxy.max_length,
                           seed=self.seed)
@@ -90,17 +103,19 @@ class RunConfig:
         """Every option checked before the first stage starts, so a typo never costs a proxy run."""
         from p2d.cards import load_card
         from p2d.pipelines.train import check_train_options
+        from p2d.tokens import check_template
 
         load_card(self.domain)
         self.localize_config().validate()
-        check_train_options(self.scope, self.train, self.kv_scope)
+        check_train_options(self.scope, self.train, self.kv_scope, self.template)
         if self.reference.steps <= 0:
             raise P2DError(f"--reference-steps must be positive, got {self.reference.steps}")
         if self.mine_max_length <= 0:
-            raise P2DError(f"the mining window must be positive, got {self.mine_max_length}")
+            raise P2DError(f"--mine-max-length must be positive, got {self.mine_max_length}")
         if self.eval_limit is not None and self.eval_limit < 0:
             raise P2DError(f"--eval-limit must be 0 or more, got {self.eval_limit}")
         self.mine_config("").validate_options()
+        check_template(self.template, self.model)
 
 
 def _stage_options(cfg: RunConfig) -> dict[str, dict]:
@@ -116,14 +131,16 @@ def _stage_options(cfg: RunConfig) -> dict[str, dict]:
                    "target": input_digest(target_source(cfg.mine_config(""))) if (cfg.target or cfg.domain) else None}
     inputs = d["inputs"]
     return {
-        "proxy": {k: d[k] for k in ("domain", "model", "task_model", "proxy_data", "proxy")}
+        "proxy": {k: d[k] for k in ("domain", "model", "task_model", "proxy_data", "proxy", "template")}
         | {"inputs": {k: inputs[k] for k in ("model", "task_model", "proxy_data")}},
         "localize": {k: d[k] for k in ("head_frac", "metric", "head_method", "seed")},
-        "mine": {k: d[k] for k in ("pool", "target", "data_frac", "mining_heads", "mining_max_layer", "head_report",
-                                   "quality", "selector", "diversity", "mine_max_length")}
+        "mine": {k: d[k] for k in ("pool", "fields", "target", "data_frac", "mining_heads", "mining_max_layer",
+                                   "head_report", "quality", "quality_weight", "selector", "diversity", "pooling",
+                                   "dedup", "mine_max_length", "mining_window", "template")}
         | {"inputs": {k: inputs[k] for k in ("pool", "target")}},
-        "train": {k: d[k] for k in ("scope", "kv_scope", "train")},
-        "reference": {k: d[k] for k in ("pool", "model", "train", "reference", "measure_reference")}
+        "train": {k: d[k] for k in ("scope", "kv_scope", "train_o", "lora_rank", "fields", "train", "template")},
+        "reference": {k: d[k] for k in ("pool", "fields", "model", "train", "reference", "measure_reference",
+                                        "template")}
         | {"inputs": {k: inputs[k] for k in ("pool", "model")}},
     }
 
@@ -138,7 +155,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "run.json", {"config": asdict(cfg)})
     proxy_data = None if cfg.task_model else proxy_source(cfg.localize_config())
-    model_cfg, lengths, proxy_lengths = scan_pool(cfg.model, cfg.pool, proxy_data=proxy_data)
+    model_cfg, lengths, proxy_lengths = scan_pool(cfg.model, cfg.pool, cfg.fields, proxy_data, cfg.template)
     plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths)
     write_json(run_dir / "plan.json", plan)
     console.print(plan_table(plan))
@@ -172,9 +189,11 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     subset = mined["outputs"]["selected.jsonl"]
     trained = run_stage("train", lambda d: train_model(
         TrainRunConfig(data=subset, model=cfg.model, heads=heads, scope=cfg.scope, kv_scope=cfg.kv_scope,
+                       train_o=cfg.train_o, lora_rank=cfg.lora_rank, fields=cfg.fields, template=cfg.template,
                        train=cfg.train), d, progress))
     reference = run_stage("reference", lambda d: reference_cost(ReferenceRunConfig(
-        pool=cfg.pool, model=cfg.model, train=cfg.train, estimate=cfg.reference, measure=cfg.measure_reference), d,
+        pool=cfg.pool, model=cfg.model, train=cfg.train, estimate=cfg.reference, measure=cfg.measure_reference,
+        fields=cfg.fields, template=cfg.template), d,
         progress), timed=False)
 
     report = aer_report(ledger, reference)
@@ -182,6 +201,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     report["subset"] = {"selected": mined["counts"]["selected"], "pool": mined["counts"]["pool"], "path": subset}
     report["heads"] = {"selected": len(read_json(heads)["selected"]), "path": heads}
     report["trainable_params"] = trained["trainable_params"]
+    report["template"] = trained["template"]
     report["outputs"] = {"subset": subset, "heads": heads, **trained.get("outputs", {}),
                          "plan": str(run_dir / "plan.json"), "aer": str(run_dir / "aer.json")}
     report["command"] = command
@@ -221,7 +241,8 @@ def _evaluate(cfg: RunConfig, run_dir: Path) -> dict:
 
     out = {}
     for name, model in (("base", cfg.model), ("trained", str(run_dir / "train" / "model"))):
-        res = evaluate(model, cfg.domain, task_limit=cfg.eval_limit, out=run_dir / f"eval-{name}.json")
+        res = evaluate(model, cfg.domain, task_limit=cfg.eval_limit, template=cfg.template,
+                       out=run_dir / f"eval-{name}.json")
         out[name] = {k: v for k, v in res.items() if k != "task_results"}  # per-task details stay in eval-*.json
     return out
 
@@ -239,6 +260,7 @@ def _report_md(cfg: RunConfig, report: dict, run_dir: Path) -> str:
         f"- heads: {report['heads']['selected']} selected (`{report['heads']['path']}`)",
         f"- subset: {report['subset']['selected']} of {report['subset']['pool']} samples (`{report['subset']['path']}`)",
         f"- trainable parameters: {report['trainable_params']:,} (scope `{cfg.scope}`)",
+        f"- prompt template: `{report['template']}` (the merged model's tokenizer renders it as its chat template)",
         "",
         "## Cost (AER)",
         "",

@@ -37,20 +37,27 @@ class TrainRunConfig:
     overwrite: bool = False  # discard a checkpoint in out_dir that another run wrote
     lora_rank: int = 128
     fields: str | None = None
+    template: str = "auto"  # p2d.tokens.TEMPLATES; the merged model is served with the one it was trained in
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
-        check_train_options(self.scope, self.train, self.kv_scope)
+        from p2d.tokens import check_template
+
+        check_train_options(self.scope, self.train, self.kv_scope, self.template)
+        check_template(self.template, self.model)
         if self.scope in HEAD_SCOPES and not self.heads:
             raise P2DError(f"--scope {self.scope} trains selected heads: pass --heads heads.json")
         if self.heads and not Path(self.heads).is_file():
             raise P2DError(f"--heads: file not found: {self.heads}")
 
 
-def check_train_options(scope: str, t: TrainConfig, kv_scope: str = "shared") -> None:
+def check_train_options(scope: str, t: TrainConfig, kv_scope: str = "shared", template: str = "auto") -> None:
     """Options that are wrong whatever the data: checked before any stage runs."""
     from p2d.masking import KV_SCOPES
+    from p2d.tokens import TEMPLATES
 
+    if template not in TEMPLATES:
+        raise P2DError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     if scope not in SCOPES:
         raise P2DError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if kv_scope not in KV_SCOPES:
@@ -86,8 +93,19 @@ def run_key(cfg: TrainRunConfig, heads, data) -> str:
     options = {k: v for k, v in asdict(cfg.train).items() if k not in ("save_every", "log_every", "deepspeed")}
     blob = {"model": model_digest(cfg.model), "data": fingerprint(data), "heads": heads, "scope": cfg.scope,
             "kv_scope": cfg.kv_scope, "train_o": cfg.train_o, "lora_rank": cfg.lora_rank, "train": options,
+            "template": cfg.template,
             "deepspeed": cfg.train.deepspeed is not None}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+TEMPLATE_NOTE = {
+    "chat": "the model's chat template (`tokenizer.apply_chat_template`), loss on every assistant turn; "
+            "the tokenizer here carries that template",
+    "alpaca": "Alpaca (`### Instruction:` / `### Input:` / `### Response:`), loss on the response; the "
+              "tokenizer's chat template here renders that prompt, so chat APIs (vLLM, transformers) prompt "
+              "the model as it was trained",
+    "plain": "plain (`instruction` then `input`, one per line), loss on the response",
+}
 
 
 def model_card(cfg: TrainRunConfig, summary: dict, heads) -> str:
@@ -104,8 +122,7 @@ def model_card(cfg: TrainRunConfig, summary: dict, heads) -> str:
              f"{summary['steps']} steps, lr {cfg.train.lr:g}, {cfg.train.epochs} epochs, final loss "
              f"{summary['final_loss']:.4f}.",
              f"- **Data**: `{cfg.data}` ({summary['samples']} samples), loss on response tokens only.",
-             "- **Prompt template**: Alpaca (`### Instruction:` / `### Input:` / `### Response:`), as trained; "
-             "prompt the model the same way.",
+             f"- **Prompt template**: {TEMPLATE_NOTE[summary['template']]}.",
              f"- **Heads** ({len(heads or [])}): " + (", ".join(f"L{l}H{h}" for l, h in heads) if heads else "none"),
              "", "Loads with plain `transformers` (`AutoModelForCausalLM.from_pretrained`); the adapter beside it "
              "(`../adapter`) loads with peft."]
@@ -117,27 +134,31 @@ def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True)
     from p2d.data import load_examples
     from p2d.masking import apply_scope, merge_adapter
     from p2d.selection import read_heads_json
-    from p2d.tokens import tokenize
+    from p2d.tokens import resolve_template, tokenize
     from p2d.trainer import train
 
     cfg.validate()
     out_dir = Path(out_dir)
-    examples = load_examples(cfg.data, fields=cfg.fields)
+    examples = load_examples(cfg.data, fields=cfg.fields, template=cfg.template)
     model, tok = load_model(cfg.model)
+    template = resolve_template(cfg.template, tok)
     geom = AttentionGeometry.from_config(model.config)
     heads = read_heads_json(cfg.heads, geom).heads if cfg.heads else None
     info = apply_scope(model, geom, cfg.scope, heads, train_o=cfg.train_o, kv_scope=cfg.kv_scope,
                        lora_rank=cfg.lora_rank)
     console.print(f"[bold]train[/] scope {cfg.scope}: {info.trainable_params:,} of {info.total_params:,} "
                   f"parameters trainable ({info.trainable_params / info.total_params:.2%}), {len(examples)} samples")
-    data = tokenize(examples, tok, cfg.train.max_length)
+    data = tokenize(examples, tok, cfg.train.max_length, template)
     result = train(model, data, tok.pad_token_id, cfg.train, out_dir, progress=progress,  # adapter -> out_dir/adapter
                    run_key=run_key(cfg, heads, data), overwrite=cfg.overwrite)
     if cfg.heads and (out_dir / "adapter").is_dir():
         shutil.copyfile(cfg.heads, out_dir / "adapter" / "heads.json")
     if _rank() == 0:  # one path for every backend: the base (fp32) plus the trained tensors, saved in the base's dtype
-        merge_adapter(cfg.model, out_dir / "adapter", out_dir / "model")
-    summary = {"model": cfg.model, "data": cfg.data, "samples": len(data), "scope": cfg.scope,
+        from p2d.data import text_chat_template
+
+        merge_adapter(cfg.model, out_dir / "adapter", out_dir / "model",
+                      chat_template=None if template == "chat" else text_chat_template(tok, template))
+    summary = {"model": cfg.model, "data": cfg.data, "samples": len(data), "scope": cfg.scope, "template": template,
                "heads": cfg.heads, "trainable_params": info.trainable_params, "total_params": info.total_params,
                "config": asdict(cfg.train), "steps": result.steps, "seconds": result.seconds,
                "tokens": result.tokens, "tokens_per_s": result.tokens_per_s, "final_loss": result.final_loss,

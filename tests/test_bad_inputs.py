@@ -80,7 +80,8 @@ def cases():
                      ("--quality-weight", "nan"), ("--quality-weight", "inf"), ("--max-length", "0"),
                      ("--batch-size", "0"), ("--selector", "best"), ("--quality", "great"), ("--diversity", "dpp"),
                      ("--index", "hnsw"), ("--pooling", "sum"), ("--mining-heads", "best"),
-                     ("--mining-max-layer", "-1"), ("--data-frac", "abc")]:
+                     ("--mining-max-layer", "-1"), ("--data-frac", "abc"), ("--mining-window", "0"),
+                     ("--template", "chat"), ("--template", "chatml")]:
         out.append((f"mine{opt}={val}", m(opt, val), opt))
     out += [("mine-facility-quality-nll", m("--diversity", "facility-quality", "--quality", "nll"), "--diversity"),
             ("mine-reducible-no-task", lambda f, t, p: ["mine", "--model", t, "--heads", f["heads_other_model"],
@@ -95,7 +96,8 @@ def cases():
     for opt, val in [("--lr", "0"), ("--lr", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--epochs", "0"),
                      ("--max-steps", "0"), ("--weight-decay", "-0.1"), ("--weight-decay", "nan"),
                      ("--save-every", "0"), ("--max-length", "0"), ("--max-length", "1"), ("--batch-size", "0"),
-                     ("--grad-accum", "0"), ("--scope", "everything"), ("--kv-scope", "some"), ("--epochs", "x")]:
+                     ("--grad-accum", "0"), ("--scope", "everything"), ("--kv-scope", "some"), ("--epochs", "x"),
+                     ("--template", "chat")]:
         out.append((f"train{opt}={val}", tr(opt, val), opt))
     for key, text in [("ds_list", "JSON object"), ("ds_stage7", "stage"), ("ds_optimizer", "optimizer"),
                       ("ds_fp16", "fp16"), ("ds_not_json", "ds_bad.json")]:
@@ -105,7 +107,8 @@ def cases():
     for opt, val in [("--data-frac", "0"), ("--head-frac", "0"), ("--head-frac", "1.5"), ("--head-frac", "nan"),
                      ("--lr", "0"), ("--epochs", "0"), ("--reference-steps", "0"), ("--eval-limit", "-1"),
                      ("--proxy-steps", "0"), ("--proxy-samples", "0"), ("--quality-weight", "nan"),
-                     ("--scope", "qkv-all"), ("--from-stage", "report"), ("--domain", "poetry"), ("--kv-scope", "x")]:
+                     ("--scope", "qkv-all"), ("--from-stage", "report"), ("--domain", "poetry"), ("--kv-scope", "x"),
+                     ("--mining-window", "0"), ("--dedup", "2"), ("--template", "chat"), ("--pooling", "sum")]:
         out.append((f"run{opt}={val}", run(opt, val), opt))
     for opt, val in [("--head-frac", "0"), ("--head-frac", "2"), ("--proxy-steps", "0"), ("--metric", "l2"),
                      ("--head-method", "best")]:

@@ -73,6 +73,29 @@ def test_localize_with_proxy_run(tiny_model, small_pool, tmp_path):
     assert (tmp_path / "proxy" / "task_model" / "config.json").is_file()
     timings = json.loads((tmp_path / "localize.json").read_text())
     assert timings["proxy_seconds"] > 0 and timings["localize_seconds"] > 0
+    assert info["template"] == "alpaca"  # the tiny tokenizer has no chat template: auto resolves to alpaca
+
+
+def test_localize_reuses_the_proxy_only_while_its_inputs_hold(tiny_model, small_pool, tmp_path):
+    """The cached proxy task model is reused for the same base, data and options, and remade when any changes."""
+    common = ("localize", "--model", tiny_model, "--proxy-samples", 8, "--head-frac", 0.1, "--out", tmp_path)
+    record = tmp_path / "proxy" / "proxy.json"
+    p2d(*common, "--proxy-data", small_pool, "--proxy-steps", 2)
+    first = record.read_bytes()
+    p2d(*common, "--proxy-data", small_pool, "--proxy-steps", 2)
+    assert record.read_bytes() == first  # reused
+    p2d(*common, "--proxy-data", small_pool, "--proxy-steps", 3)
+    assert json.loads(record.read_text())["steps"] == 3
+    edited = tmp_path / "pool.jsonl"
+    edited.write_text(small_pool.read_text().replace("def ", "def  "))
+    before = record.read_bytes()
+    p2d(*common, "--proxy-data", edited, "--proxy-steps", 3)
+    assert record.read_bytes() != before  # other data content, same options: remade
+    other_base = save_tiny(tmp_path / "other-base", seed=5)
+    before = record.read_bytes()
+    p2d("localize", "--model", other_base, "--proxy-samples", 8, "--head-frac", 0.1, "--out", tmp_path,
+        "--proxy-data", edited, "--proxy-steps", 3)
+    assert record.read_bytes() != before  # another base model: remade
 
 
 @pytest.mark.parametrize("frac", ["0", "1.5", "-0.1"])
@@ -142,6 +165,20 @@ def test_mine_every_selector(tiny_model, small_pool, localized, tmp_path, select
     assert summary["task_model"] is None
     if selector == "p2d":
         assert summary["shortlist"] == 36 and summary["quality_weight"] == 1.0
+        # the default diversity for p2d: facility-quality over the top 2x; baselines select as published
+        assert summary["diversity"]["kind"] == "facility-quality"
+    else:
+        assert "diversity" not in summary
+
+
+def test_mining_window_reads_fewer_tokens(tiny_model, small_pool, localized, tmp_path):
+    common = ("mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool, "--domain",
+              "code", "--data-frac", 0.25)
+    p2d(*common, "--out", tmp_path / "full")
+    p2d(*common, "--mining-window", 4, "--out", tmp_path / "w4")
+    full, w4 = (json.loads((tmp_path / d / "mine.json").read_text()) for d in ("full", "w4"))
+    assert w4["window"] == 4 and full["window"] is None
+    assert w4["pool_tokens"] < full["pool_tokens"] and w4["counts"] == full["counts"]
 
 
 @pytest.mark.parametrize("case", ["unknown selector", "no task model"])
@@ -258,6 +295,37 @@ def test_busy_output_directory_is_refused(tiny_model, localized, small_pool, tmp
     p2d("mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool, "--domain", "code",
         "--out", tmp_path)
     assert not (tmp_path / "selected.parquet").exists()  # not this run's output: removed, not left stale
+
+
+KILL_IN_WRITE = """
+import os, signal, sys
+import p2d.io
+real = p2d.io.os.replace
+def replace(src, dst):  # SIGKILL the process in the middle of writing this one output: the temp file is full
+    if os.path.basename(str(dst)) == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+p2d.io.os.replace = replace
+from p2d.cli.main import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("victim", ["selected.jsonl", "mine.json"])
+def test_kill_during_an_atomic_write_resumes_to_identical_outputs(tiny_model, localized, small_pool, tmp_path, victim):
+    """kill -9 lands while an output is being written: nothing half-written, and a rerun gives the same bytes."""
+    args = ["mine", "--model", str(tiny_model), "--heads", str(localized / "heads.json"), "--data", str(small_pool),
+            "--domain", "code", "--data-frac", "0.25"]
+    p2d(*args, "--out", tmp_path / "ref")
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_WRITE, victim, *args, "--out", str(tmp_path / "k")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "k" / victim).exists()  # never a partial file under the real name
+    assert any(p.name.startswith(f".{victim}.") for p in (tmp_path / "k").iterdir())  # the killed write's temp file
+    p2d(*args, "--out", tmp_path / "k")
+    for name in ("selected.jsonl", "scores.csv", "trl.jsonl", "dataset_info.json"):
+        assert (tmp_path / "k" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert not [p.name for p in (tmp_path / "k").iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
 
 
 def test_out_that_cannot_be_written_fails_first(tiny_model, localized, small_pool, tmp_path):

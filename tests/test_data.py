@@ -199,3 +199,41 @@ def test_labels_only_on_response_tokens():
     assert t.labels[:n_prompt] == [IGNORE] * n_prompt
     assert t.labels[n_prompt:] == [vocab["5"], vocab["</s>"]]
 
+
+
+def test_chunked_reading_is_the_whole_file_read(tmp_path):
+    """A pool read in chunks (million-row pools) gives the examples, tokens and errors of a whole read."""
+    from conftest import make_tokenizer
+
+    from p2d.data import iter_examples, load_examples, load_tokens
+    from p2d.tokens import PackedTokens
+
+    rows = [{"instruction": f"task {i}", "input": "x" if i % 3 else "", "output": f"answer {i}"} for i in range(50)]
+    rows[7]["output"] = ""  # skipped, and still counted for the default ids of later rows
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    whole = load_examples(str(path))
+    chunked = [e for chunk in iter_examples(str(path), chunk_rows=8) for e in chunk]
+    assert [(e.id, e.prompt, e.response, e.messages) for e in chunked] == \
+           [(e.id, e.prompt, e.response, e.messages) for e in whole]
+    tok = make_tokenizer()
+    packed = load_tokens(str(path), tok, 24)
+    assert isinstance(packed, PackedTokens) and list(packed) == tokenize(whole, tok, 24)
+
+    rows[40]["id"] = "3"  # a duplicate in a later chunk still names both lines
+    rows[3]["id"] = "3"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"pool.jsonl:41: duplicate id '3' \(also .*pool.jsonl:4\)"):
+        list(iter_examples(str(path), chunk_rows=8))
+
+
+def test_mining_window_reads_the_prompt_and_the_first_response_tokens():
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    ex = to_examples([{"instruction": "Sort these words alphabetically", "output": "apple fig pear " * 10}], "w")
+    (full,) = tokenize(ex, tok, 512)
+    (short,) = tokenize(ex, tok, 512, window=4)
+    first = next(j for j, x in enumerate(full.labels) if x != IGNORE)
+    assert short.input_ids == full.input_ids[: first + 4]  # the whole prompt, then 4 answer tokens
+    assert sum(x != IGNORE for x in short.labels) == 4

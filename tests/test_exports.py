@@ -28,6 +28,11 @@ CHAT = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant"
 QA = [{"question": f"q{i}", "answer": f"a{i}", "id": i} for i in range(4)]
 
 
+def chosen(ex: list[Example], result: MineResult) -> list[Example]:
+    """The selected examples, as `p2d mine` hands them to the export (read back from the pool by id)."""
+    return [e for e, keep in zip(ex, result.selected) if keep]
+
+
 def examples(records: list[dict]) -> list[Example]:
     return [Example(f"e{i}", "p", "r", raw=r) for i, r in enumerate(records)]
 
@@ -36,7 +41,7 @@ def test_selected_jsonl_keeps_records_in_pool_order(tmp_path):
     ex = examples(ALPACA)
     res = result_for([e.id for e in ex], [False, True, False, True, True])
     res.rank = np.array([5, 3, 4, 1, 2])
-    paths = export_subset(tmp_path, ex, res, "alpaca", parquet=True)
+    paths = export_subset(tmp_path, chosen(ex, res), res, "alpaca", parquet=True)
     rows = [json.loads(l) for l in (tmp_path / "selected.jsonl").read_text(encoding="utf-8").splitlines()]
     assert rows == [ALPACA[1], ALPACA[3], ALPACA[4]]  # pool order, every field, nothing added
     assert pq.read_table(paths["selected.parquet"]).to_pylist() == rows
@@ -59,7 +64,8 @@ def test_chat_and_question_answer_schemas(tmp_path):
     ds = yaml.safe_load((tmp_path / "chat" / "axolotl.yaml").read_text())["datasets"][0]
     assert ds["type"] == "chat_template" and ds["field_messages"] == "messages"
 
-    export_subset(tmp_path / "qa", examples(QA), result_for([f"e{i}" for i in range(4)], [True, False, True, False]))
+    qa = result_for([f"e{i}" for i in range(4)], [True, False, True, False])
+    export_subset(tmp_path / "qa", chosen(examples(QA), qa), qa)
     info = json.loads((tmp_path / "qa" / "dataset_info.json").read_text())["p2d_selected"]
     assert info["columns"] == {"prompt": "question", "response": "answer"}
     ds = yaml.safe_load((tmp_path / "qa" / "axolotl.yaml").read_text())["datasets"][0]
@@ -100,7 +106,7 @@ def test_resumed_mining_gives_byte_identical_selection(tmp_path, monkeypatch):
     kw = dict(data_frac=0.3, heads=[(1, 1), (2, 4)], quality="nll", progress=False, batch_size=2)
 
     ref = mine(model, pool, target, **kw)
-    export_subset(tmp_path / "ref", ex, ref, "alpaca")
+    export_subset(tmp_path / "ref", chosen(ex, ref), ref, "alpaca")
 
     real = features.extract_features
     def killing(*a, **k):
@@ -113,7 +119,7 @@ def test_resumed_mining_gives_byte_identical_selection(tmp_path, monkeypatch):
     monkeypatch.setattr("p2d.mining.extract_features",
                         lambda *a, **k: real(*a, **{**k, "shard_samples": 4} if k.get("store_dir") else k))
     resumed = mine(model, pool, target, **kw, store_dir=tmp_path / "store")
-    export_subset(tmp_path / "resumed", ex, resumed, "alpaca")
+    export_subset(tmp_path / "resumed", chosen(ex, resumed), resumed, "alpaca")
     for name in ("selected.jsonl", "scores.csv"):
         assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
 
@@ -142,7 +148,8 @@ def test_trl_trains_on_the_export(tmp_path, tiny_model):
     from p2d.data import to_examples
 
     ex = to_examples(ALPACA, "alpaca")
-    export_subset(tmp_path / "pair", ex, result_for([e.id for e in ex], [True, True, False, True, False]))
+    pair = result_for([e.id for e in ex], [True, True, False, True, False])
+    export_subset(tmp_path / "pair", chosen(ex, pair), pair)
     rows = [json.loads(l) for l in (tmp_path / "pair" / "trl.jsonl").read_text(encoding="utf-8").splitlines()]
     assert rows[0] == {"prompt": ex[0].prompt, "completion": ex[0].response}  # the text p2d trains on
     assert math.isfinite(trl_one_step(tiny_model, tmp_path / "pair" / "trl.jsonl", tmp_path / "trl-pair"))

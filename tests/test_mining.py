@@ -6,7 +6,7 @@ import pytest
 from conftest import random_model, random_samples
 from p2d import P2DError
 from p2d.mining import affinity, auroc, combine, mine, prototypes, select, separation
-from p2d.tokens import IGNORE, Tokenized
+from p2d.tokens import IGNORE, PackedTokens, Tokenized
 
 tiny_model = random_model
 samples = random_samples
@@ -118,9 +118,10 @@ def test_mine_end_to_end(selector, head_set):
                quality="nll" if selector == "p2d" else "none", progress=False, seed=3, head_report=True)
     assert res.selected.sum() == 5 and res.ids == [t.id for t in pool]
     assert sorted(res.rank.tolist()) == list(range(1, 21))
-    again = mine(model, pool, target, data_frac=0.25, selector=selector, heads=[(1, 2), (3, 5)], head_set=head_set,
+    packed = PackedTokens.pack([pool[:7], pool[7:]])  # how `p2d mine` holds a pool: the same selection
+    again = mine(model, packed, target, data_frac=0.25, selector=selector, heads=[(1, 2), (3, 5)], head_set=head_set,
                  quality="nll" if selector == "p2d" else "none", progress=False, seed=3)
-    assert (again.selected == res.selected).all()
+    assert (again.selected == res.selected).all() and np.array_equal(again.score, res.score)
     s = res.summary
     assert s["counts"] == {"pool": 20, "target": 6, "selected": 5}
     if selector == "p2d":

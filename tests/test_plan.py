@@ -36,15 +36,32 @@ def test_plan_for_a_large_config_without_weights(config):
     assert any("layer 0" in a for a in plan["assumptions"])
 
 
-def test_reference_flops_are_the_full_scope_steps_of_the_pool():
-    shape = Shape.from_config(LLAMA_8B)
-    ln = lengths(40)
-    cfg = PlanConfig(epochs=3, train_max_length=256, train_batch_size=4)
-    total = np.minimum(ln.total, 256)
-    labelled = np.clip(total - ln.prompt, 0, None)
-    want = 3 * sum(train_step(shape, [(len(g), int(total[g].max()))], int(np.maximum(labelled[g] - 1, 0).sum()),
-                              trainable_for("full", shape)) for g in length_batches(total.tolist(), 4))
-    assert stage_flops(shape, ln, cfg)["reference"]["flops"] == want
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_reference_flops_count_the_batches_the_trainer_runs(tiny_model, small_pool, template):
+    """The plan, from scanned lengths alone, counts exactly the FLOPs of the micro-batches and labelled
+    positions that the trainer forms from the tokenized pool (truncation and padding included)."""
+    from p2d.data import load_examples, load_tokens
+    from p2d.models import load_config, load_tokenizer
+    from p2d.plan import scan
+    from p2d.tokens import IGNORE, collate, tokenize
+    from p2d.trainer import TrainConfig, step_plan
+
+    tok = load_tokenizer(str(tiny_model))
+    if template == "chat":
+        tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}" \
+                            "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    examples = load_examples(str(small_pool))
+    shape = Shape.from_config(load_config(str(tiny_model)))
+    cfg = PlanConfig(epochs=1, train_max_length=48, train_batch_size=4)
+    data = tokenize(examples, tok, 48, template)
+    want = 0
+    for step in step_plan([len(t) for t in data], TrainConfig(batch_size=4, max_length=48), epoch=0):
+        for mb in step:
+            batch = collate([data[i] for i in mb], 0)
+            want += train_step(shape, [tuple(batch["input_ids"].shape)], int((batch["labels"][:, 1:] != IGNORE).sum()),
+                               trainable_for("full", shape))
+    lengths = scan(load_tokens(str(small_pool), tok, 2**31, template))
+    assert stage_flops(shape, lengths, cfg)["reference"]["flops"] == want
 
 
 def test_real_subset_and_heads_replace_the_assumptions():

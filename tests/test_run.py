@@ -100,6 +100,21 @@ def test_pool_edited_in_place_reruns_mining(tiny_model, small_pool, tmp_path, mo
     assert stage_state(run, "mine")["fingerprint"] != mine["fingerprint"]
 
 
+def test_base_model_replaced_in_place_reruns_every_stage(small_pool, tmp_path):
+    """The same --model path with other weights (a re-download, a re-conversion) is another base: nothing is reused."""
+    from conftest import save_tiny
+
+    model = save_tiny(tmp_path / "model", seed=0)
+    run = tmp_path / "run"
+    cfg = config(model, small_pool)
+    run_pipeline(cfg, run, progress=False)
+    before = {s: stage_state(run, s)["fingerprint"] for s in ("proxy", "localize", "mine", "train", "reference")}
+    save_tiny(model, seed=1)
+    run_pipeline(cfg, run, progress=False)
+    after = {s: stage_state(run, s)["fingerprint"] for s in before}
+    assert all(after[s] != before[s] for s in before)
+
+
 def test_killed_training_resumes(tiny_model, small_pool, tmp_path, monkeypatch):
     from p2d import trainer
 
@@ -135,7 +150,9 @@ def test_bad_pool_fails_at_mine_and_keeps_earlier_stages(finished, tiny_model, s
 
 
 @pytest.mark.parametrize("kw, match", [({"data_frac": 0.0}, "data-frac"), ({"head_frac": 2.0}, "head-frac"),
-                                       ({"domain": "poetry"}, "poetry"), ({"scope": "everything"}, "scope")])
+                                       ({"domain": "poetry"}, "poetry"), ({"scope": "everything"}, "scope"),
+                                       ({"pooling": "median"}, "--pooling"), ({"dedup": 1.5}, "--dedup"),
+                                       ({"template": "chatml"}, "--template")])
 def test_bad_options_fail_before_any_stage(tiny_model, small_pool, tmp_path, kw, match):
     with pytest.raises(P2DError, match=match):
         run_pipeline(config(tiny_model, small_pool, **kw), tmp_path / "r", progress=False)
@@ -158,3 +175,18 @@ def test_eval_scores_base_and_trained_without_redoing_stages(finished, tiny_mode
     assert report["eval"]["trained"]["nll"] != report["eval"]["base"]["nll"]  # the trained model, not the base twice
     assert json.loads((run / "aer.json").read_text())["eval"] == report["eval"]
     assert "## Evaluation" in (run / "report.md").read_text()
+
+
+def test_a_pool_with_its_own_field_names_runs_every_stage(tiny_model, small_pool, tmp_path):
+    """--fields reaches mining, training and the reference alike (the subset keeps the pool's own fields)."""
+    rows = [json.loads(line) for line in small_pool.read_text().splitlines()]
+    pool = tmp_path / "renamed.jsonl"
+    pool.write_text("".join(json.dumps({"ask": r["instruction"], "reply": r["output"]}) + "\n" for r in rows))
+    report = run_pipeline(config(tiny_model, small_pool, pool=str(pool), fields="instruction=ask,output=reply"),
+                          tmp_path / "r", progress=False)
+    selected = [json.loads(line) for line in Path(report["subset"]["path"]).read_text().splitlines()]
+    assert set(selected[0]) == {"ask", "reply"}
+    info = json.loads((Path(report["subset"]["path"]).parent / "dataset_info.json").read_text())
+    assert info["p2d_selected"]["columns"] == {"prompt": "ask", "response": "reply"}  # LLaMA-Factory reads it as is
+    trained = json.loads((tmp_path / "r" / "train" / "train.json").read_text())
+    assert trained["samples"] == len(selected) == report["subset"]["selected"]
