@@ -1,7 +1,8 @@
 """Mining memory at scale: peak RSS and time of `p2d mine` on synthetic pools of 10k to 1M rows.
 
 A tiny random Llama (4 layers, 8 heads, 2 KV heads, hidden 64, a 2,000-token BPE vocabulary
-trained here) mines a synthetic JSONL pool at `p2d mine`'s defaults (ifd-rank quality, 10% kept) with
+trained here) mines a synthetic JSONL pool at `p2d mine`'s defaults (ifd-rank quality, facility-quality diversity,
+10% kept; batch size 64, as a tiny model's batches cost little) with
 three heads of a made-up heads.json, so the figures measure p2d's own bookkeeping (reading,
 tokenizing, packing, the feature store, FAISS, the exports), not a real model's forward. Each size runs
 as its own `p2d mine` process; peak RSS is that process's (wait4), and a size's time includes
@@ -107,6 +108,7 @@ def main() -> None:
             write_pool(pool, n, seed=n)
             seconds, rss, _ = run_mine(["--model", str(model), "--heads", str(heads), "--data", str(pool),
                                         "--target", str(work / "target.jsonl"), "--data-frac", "0.1",
+                                        "--batch-size", "64",
                                         "--out", str(work / f"out-{n}")])
             summary = json.loads((work / f"out-{n}" / "mine.json").read_text())
             rows.append({"rows": n, "pool MB": round(pool.stat().st_size / 2**20, 1), "peak RSS MiB": round(rss),

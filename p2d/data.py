@@ -318,7 +318,7 @@ def text_chat_template(tokenizer, template: str = "alpaca") -> str:
         tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
     return (("{{ bos_token }}" if adds_bos else "")
             + "{% for m in messages %}{% if m['role'] == 'user' %}{{ " + repr(head) + " + m['content'] + "
-            + repr(cue) + " }}{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}"
+            + repr(cue) + " }}{% elif m['role'] == 'assistant' %}{{ m['content'] + (eos_token or '') }}{% endif %}"
             + "{% endfor %}")
 
 
@@ -328,7 +328,7 @@ class _Converter:
     def __init__(self, source: str, fields: FieldMap | dict | str | None, template: str, domain: str | None):
         self.source, self.fields, self.domain = source, parse_fields(fields), domain
         self.text = template if template in TEMPLATES else "alpaca"
-        self.seen: dict[str, str] = {}
+        self.seen: dict[str, int] = {}  # id -> its line (or record index): ints, so a million ids stay small
         self.empty: list[str] = []
         self.rows = self.kept = 0
 
@@ -339,7 +339,7 @@ class _Converter:
         for j, record in enumerate(records):
             i = self.rows + j
             lines = getattr(records, "lines", None)
-            where = f"{self.source}:{lines[j]}" if lines else f"{self.source}: record[{i}]"
+            where = self._where(lines[j] if lines else i, bool(lines))
             if fields.messages:
                 instruction, input_, output, messages = _from_messages(record, fields.messages, where)
             else:
@@ -354,8 +354,8 @@ class _Converter:
                 continue
             id_ = str(record["id"]) if record.get("id") is not None else str(i)
             if id_ in self.seen:
-                raise DataError(f"{where}: duplicate id {id_!r} (also {self.seen[id_]})")
-            self.seen[id_] = where
+                raise DataError(f"{where}: duplicate id {id_!r} (also {self._where(self.seen[id_], bool(lines))})")
+            self.seen[id_] = lines[j] if lines else i
             record_domain = record.get("domain")
             examples.append(Example(id=id_, prompt=format_prompt(instruction, input_, self.text), response=output,
                                     domain=record_domain if isinstance(record_domain, str) else self.domain,
@@ -363,6 +363,9 @@ class _Converter:
         self.rows += len(records)
         self.kept += len(records)
         return examples
+
+    def _where(self, n: int, is_line: bool) -> str:
+        return f"{self.source}:{n}" if is_line else f"{self.source}: record[{n}]"
 
     def finish(self) -> None:
         if self.rows == 0:

@@ -112,13 +112,16 @@ class Generations:
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, done: Callable[[str], bool],
-             batch_size: int = 8, progress: bool = False, special_tokens: bool = True) -> Generations:
-    """Greedy completions, batched by prompt length with left padding. `special_tokens`: add the
-    tokenizer's (text prompts); a chat-rendered prompt already holds its own."""
+             batch_size: int = 8, progress: bool = False, chat: bool = False) -> Generations:
+    """Greedy completions, batched by prompt length with left padding. `chat`: the prompts were rendered
+    by the chat template, so they hold their own special tokens and a turn ends at its end-of-turn token."""
+    from p2d.tokens import end_of_turn_ids
+
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    special_tokens = not chat
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                              eos_token_id=tokenizer.eos_token_id)
+                              eos_token_id=end_of_turn_ids(tokenizer) if chat else tokenizer.eos_token_id)
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=special_tokens)["input_ids"]]
     texts = [""] * len(prompts)
     tokens, start = 0, time.perf_counter()
@@ -178,11 +181,11 @@ def _text(template: str) -> str:
 
 
 def _prompts(examples: list[Example], tokenizer, template: str) -> tuple[list[str], bool]:
-    """Generation prompts in the template the model was trained with, and whether to add special tokens."""
+    """Generation prompts in the template the model was trained with, and whether they are chat-rendered."""
     from p2d.tokens import prompt_text, resolve_template
 
     template = resolve_template(template, tokenizer)
-    return [prompt_text(e, tokenizer, template) for e in examples], template != "chat"
+    return [prompt_text(e, tokenizer, template) for e in examples], template == "chat"
 
 
 def humaneval_done(style: str) -> Callable[[str], bool]:
@@ -287,11 +290,11 @@ def humaneval_pass1(model, tokenizer, problems: list[dict], *, prompt_style: str
                     unsafe_exec: bool = False) -> tuple[float, list[dict], Generations]:
     """Greedy pass@1 (one sample per problem, so pass@1 is the fraction passed); programs run sandboxed."""
     if prompt_style == "raw":
-        prompts, special = [humaneval_prompt(p, "raw") for p in problems], True
+        prompts, chat = [humaneval_prompt(p, "raw") for p in problems], False
     else:
-        prompts, special = _prompts(humaneval_examples(problems, template), tokenizer, template)
+        prompts, chat = _prompts(humaneval_examples(problems, template), tokenizer, template)
     gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, done=humaneval_done(prompt_style),
-                    batch_size=batch_size, progress=progress, special_tokens=special)
+                    batch_size=batch_size, progress=progress, chat=chat)
     completions = [extract_code(t, p["entry_point"], prompt_style) for t, p in zip(gens.texts, problems)]
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         results = list(pool.map(lambda pc: check_humaneval(*pc, timeout, unsafe_exec), zip(problems, completions)))
@@ -357,9 +360,9 @@ def gsm8k_done(text: str) -> bool:
 def gsm8k_em(model, tokenizer, rows: list[dict], *, template: str = "alpaca", max_new_tokens: int = 256,
              batch_size: int = 8, progress: bool = False) -> tuple[float, list[dict], Generations]:
     """Greedy exact match of the final number against the "#### N" gold answer."""
-    prompts, special = _prompts(gsm8k_examples(rows, template), tokenizer, template)
+    prompts, chat = _prompts(gsm8k_examples(rows, template), tokenizer, template)
     gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, done=gsm8k_done,
-                    batch_size=batch_size, progress=progress, special_tokens=special)
+                    batch_size=batch_size, progress=progress, chat=chat)
     results = []
     for n, (row, text) in enumerate(zip(rows, gens.texts)):
         gold, pred = parse_answer(row["answer"]), parse_answer(text.split(ALPACA_END)[0])

@@ -75,6 +75,9 @@ class PackedTokens(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        i = i % len(self)
         a, b = self.offsets[i], self.offsets[i + 1]
         ids = self.ids[a:b]
         return Tokenized(self.names[i], ids.tolist(), np.where(self.trained[a:b], ids, IGNORE).tolist())
@@ -126,7 +129,7 @@ def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     assistant turn is trained, as its own prefix always holds.
     """
     msgs = example.messages
-    turns = [i for i, (role, _) in enumerate(msgs) if role == "assistant"]
+    turns = [i for i, (role, _) in enumerate(msgs) if role == "assistant" and i > 0]  # an opening greeting is context
     if not turns:
         raise P2DError(f"example {example.id!r}: no assistant turn to train")
     try:
@@ -147,6 +150,16 @@ def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
         raise P2DError(f"example {example.id!r}: the chat template failed ({type(e).__name__}: {e}); "
                        f"use --template alpaca") from e
     return pieces
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token(s) a chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`, ...), which a
+    model trained under it learns to emit: generation must stop there, not only at the tokenizer's EOS."""
+    probe = Example("probe", "", "x", messages=(("user", "q"), ("assistant", "x")))
+    (_, _), (answer, _) = chat_segments(probe, tokenizer)
+    marker = answer[answer.index("x") + 1:]
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"][:1] if marker.strip() else []
+    return sorted(set(ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
 
 
 def prompt_text(example: Example, tokenizer, template: str) -> str:
@@ -192,6 +205,8 @@ def tokenize(examples: Iterable[Example], tokenizer, max_length: int = 512, temp
     examples = list(examples)
     template = resolve_template(template, tokenizer)
     out = []
+    if not examples:  # a chunk whose rows were all skipped
+        return out
     if template == "chat":
         segments = [chat_segments(e, tokenizer) for e in examples]
         flat = tokenizer([text for seg in segments for text, _ in seg], add_special_tokens=False)["input_ids"]

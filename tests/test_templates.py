@@ -138,3 +138,25 @@ def test_trained_model_carries_the_template_it_was_trained_with(chat_model, tmp_
     assert rendered == expected
     card = (tmp_path / "o" / "model" / "README.md").read_text()
     assert ("chat template" in card) if template == "auto" else ("Alpaca" in card)
+
+
+def test_a_conversation_that_opens_with_the_assistant_trains_the_later_turns():
+    tok = chat_tokenizer()
+    opener = {"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Add 2 and 3."},
+                           {"role": "assistant", "content": "5"}]}
+    t = tokenize(to_examples([opener], "x.jsonl"), tok, 512, "chat")[0]
+    assert trained_texts(t, tok) == ["5<|im_end|>\n"]
+
+
+def test_generation_stops_at_the_templates_end_of_turn():
+    """A model trained under ChatML ends its answer with <|im_end|>, which need not be the tokenizer's EOS."""
+    from p2d.tokens import end_of_turn_ids
+
+    tok = chat_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    assert tok.convert_tokens_to_ids("<|im_end|>") in end_of_turn_ids(tok)
+    assert tok.eos_token_id in end_of_turn_ids(tok)
+
+
+def test_nothing_to_tokenize_is_no_error():
+    assert tokenize([], chat_tokenizer(), 64, "chat") == [] and tokenize([], make_tokenizer(), 64) == []
