@@ -405,8 +405,8 @@ def iter_examples(source: str, fields: FieldMap | dict | str | None = None, temp
 def load_tokens(source: str, tokenizer, max_length: int, template: str = "alpaca",
                 fields: FieldMap | dict | str | None = None, window: int | None = None) -> PackedTokens:
     """A whole pool read, tokenized and packed chunk by chunk: memory grows with its tokens, not its records."""
-    return PackedTokens.pack(tokenize(chunk, tokenizer, max_length, template, window)
-                             for chunk in iter_examples(source, fields, template))
+    return PackedTokens.pack((tokenize(chunk, tokenizer, max_length, template, window)
+                              for chunk in iter_examples(source, fields, template)), vocab_size=len(tokenizer))
 
 
 def select_examples(source: str, ids: Iterable[str], fields: FieldMap | dict | str | None = None,

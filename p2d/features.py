@@ -56,7 +56,9 @@ def fingerprint(tokenized: Sequence[Tokenized]) -> str:
     """sha256 over ids, token ids, trained positions and lengths: the features are a function of exactly these."""
     packed = tokenized if isinstance(tokenized, PackedTokens) else PackedTokens.pack([list(tokenized)])
     h = hashlib.sha256(json.dumps(packed.names, separators=(",", ":")).encode())
-    for a in (packed.ids, packed.trained, packed.offsets):
+    for s in range(0, len(packed.ids), 1 << 22):  # ids as int32 whatever they are packed in, a slice at a time
+        h.update(packed.ids[s: s + (1 << 22)].astype(np.int32).tobytes())
+    for a in (packed.trained, packed.offsets):
         h.update(a.tobytes())
     return h.hexdigest()
 

@@ -49,24 +49,27 @@ class Tokenized:
 
 
 class PackedTokens(Sequence):
-    """Tokenized samples in flat arrays (int32 ids, a trained-position mask, offsets): a pool costs
-    5 bytes a token instead of two Python lists, so a million rows fit in memory. Indexing gives a
-    `Tokenized`, so everything that reads samples reads these too."""
+    """Tokenized samples in flat arrays (ids, a trained-position mask, offsets): a pool costs 3 bytes a
+    token (uint16 ids, for vocabularies up to 65,536 such as SmolLM2's and Llama 2's; else 5) instead
+    of two Python lists, so a million rows fit in memory. Indexing gives a `Tokenized`, so everything
+    that reads samples reads these too."""
 
     def __init__(self, names: list[str], ids: np.ndarray, trained: np.ndarray, offsets: np.ndarray):
         self.names, self.ids, self.trained, self.offsets = names, ids, trained, offsets
 
     @classmethod
-    def pack(cls, chunks: Iterable[list[Tokenized]]) -> "PackedTokens":
+    def pack(cls, chunks: Iterable[list[Tokenized]], vocab_size: int | None = None) -> "PackedTokens":
+        dtype = np.uint16 if vocab_size is not None and vocab_size <= 1 << 16 else np.int32
         names, ids, labels, lengths = [], [], [], []
         for chunk in chunks:  # flattened chunk by chunk: only one chunk is ever held as Python lists
             names += [t.id for t in chunk]
-            lengths += [len(t) for t in chunk]
-            ids.append(np.fromiter((x for t in chunk for x in t.input_ids), dtype=np.int32))
+            lengths.append(np.fromiter((len(t) for t in chunk), dtype=np.int64, count=len(chunk)))
+            ids.append(np.fromiter((x for t in chunk for x in t.input_ids), dtype=dtype))
             labels.append(np.fromiter((x != IGNORE for t in chunk for x in t.labels), dtype=bool))
         offsets = np.zeros(len(names) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return cls(names, np.concatenate(ids or [np.zeros(0, np.int32)]),
+        if names:
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        return cls(names, np.concatenate(ids or [np.zeros(0, dtype)]),
                    np.concatenate(labels or [np.zeros(0, bool)]), offsets)
 
     def __len__(self) -> int:
@@ -79,7 +82,7 @@ class PackedTokens(Sequence):
             raise IndexError(f"sample {i} of {len(self)}")
         i = i % len(self)
         a, b = self.offsets[i], self.offsets[i + 1]
-        ids = self.ids[a:b]
+        ids = self.ids[a:b].astype(np.int64)
         return Tokenized(self.names[i], ids.tolist(), np.where(self.trained[a:b], ids, IGNORE).tolist())
 
     def lengths(self) -> list[int]:

@@ -126,6 +126,23 @@ def _dtype(config: TrainConfig) -> torch.dtype:
     return config.dtype or default_dtype()
 
 
+STALE_LOCK_S = 600  # a DeepSpeed extension builds in about a minute; a lock this old was left by a killed build
+
+
+def check_extension_locks(now: float | None = None) -> None:
+    """Fail with the path instead of hanging: torch waits forever on the build lock that a run killed while
+    DeepSpeed compiled its CPU extension leaves behind ($TORCH_EXTENSIONS_DIR/<python>/<extension>/lock)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time() if now is None else now
+    for lock in sorted(root.glob("*/*/lock")) + sorted(root.glob("*/lock")):
+        age = now - lock.stat().st_mtime
+        if age > STALE_LOCK_S:
+            raise P2DError(f"{lock}: a build lock {age / 60:.0f} min old, left by a run killed while DeepSpeed "
+                           f"compiled an extension; with no build running, delete it and run again")
+
+
 def resolve_deepspeed(config: TrainConfig) -> dict | None:
     """The DeepSpeed config to run with, "auto" fields filled from `config`; None for single-process."""
     raw = config.deepspeed

@@ -77,9 +77,10 @@ def check_train_options(scope: str, t: TrainConfig, kv_scope: str = "shared", te
     if t.save_every <= 0:
         raise P2DError(f"--save-every must be positive, got {t.save_every}")
     if t.deepspeed is not None:
-        from p2d.trainer import resolve_deepspeed
+        from p2d.trainer import check_extension_locks, resolve_deepspeed
 
         resolve_deepspeed(t)  # its file, JSON and stage, before any model loads
+        check_extension_locks()
 
 
 def run_key(cfg: TrainRunConfig, heads, data) -> str:

@@ -388,3 +388,22 @@ def test_config_file_reproduces_the_command_line(tmp_path, monkeypatch):
     (tmp_path / "bad.yaml").write_text("data-frac: 0.2\nnot-an-option: 1\n")
     r = p2d("run", "--config", tmp_path / "bad.yaml", ok=False)
     assert r.exit_code == 2 and "not-an-option" in r.output and "bad.yaml" in r.output
+
+
+def test_stale_deepspeed_build_lock_is_named_not_waited_on(tiny_model, localized, small_pool, tmp_path, monkeypatch):
+    """A run killed while DeepSpeed compiled its extension leaves a lock torch would wait on forever."""
+    lock = tmp_path / "ext" / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (0, 0))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}}')
+    args = ("train", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool,
+            "--deepspeed", ds, "--max-steps", 1, "--out", tmp_path / "o")
+    r = p2d(*args, ok=False)
+    assert r.exit_code == 2 and str(lock) in r.output and "delete it" in r.output
+    lock.touch()  # a build running right now: its fresh lock is left alone
+    from p2d.trainer import check_extension_locks
+
+    check_extension_locks()
