@@ -286,7 +286,7 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
     stop = early_stop and quality == "none"
     names = sample_ids(tokenized)
     n_tokens = 0
-    done_feats: list[np.ndarray] = []
+    done_feats: list[np.ndarray | int] = []  # a shard's rows, or with a store its index (read back when assembled)
     done_quality: list[list[float] | None] = []
     t0 = time.perf_counter()
     bar = _progress(progress)
@@ -318,10 +318,10 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
                 qual = qual.tolist() if qual is not None else None
                 if store:
                     store.write(si, ids, feats, qual)
-                    feats, qual = store.read(si)
+                    feats, qual = si, store.read(si)[1]
                 if on_shard:
                     on_shard(si)
-            done_feats.append(feats)
+            done_feats.append(si if store else feats)
             done_quality.append(qual)
     if world > 1:
         barrier()
@@ -329,13 +329,12 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
         for si, shard in enumerate(shards):
             if not store.done(si, [names[i] for b in shard for i in b]):
                 raise P2DError(f"feature store {store.path}: shard {si} is missing after every rank finished")
-            feats, qual = store.read(si)
-            done_feats.append(feats)
-            done_quality.append(qual)
+            done_feats.append(si)
+            done_quality.append(store.read(si)[1])
     seconds = time.perf_counter() - t0
 
     order = np.array([i for s in shards for b in s for i in b], dtype=np.int64)
-    features = _assemble(done_feats, order, len(tokenized), dim, store if rank == 0 else None)
+    features = _assemble(done_feats, order, len(tokenized), dim, store, write=rank == 0)
     qual_arr = None
     if quality != "none":
         qual_arr = np.empty(len(tokenized), dtype=np.float64)
@@ -343,22 +342,26 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
     return FeatureResult(names, features, qual_arr, seconds, n_tokens)
 
 
-def _assemble(shard_feats: list[np.ndarray], order: np.ndarray, n: int, dim: int,
-              store: FeatureStore | None) -> np.ndarray:
-    """Shard rows (length-sorted) back into input order; into a memmapped features.npy with a store,
-    so a pool larger than memory never has to be held at once."""
-    if store is None:
+def _assemble(shards: list[np.ndarray | int], order: np.ndarray, n: int, dim: int, store: FeatureStore | None,
+              write: bool = True) -> np.ndarray:
+    """Shard rows (length-sorted) back into input order. With a store, shards are read one at a time
+    (a memory map each holds a file descriptor: thousands would exhaust the limit) into a memmapped
+    features.npy (`write`: rank 0), so a pool larger than memory is never held at once."""
+    def fill(out: np.ndarray) -> None:
+        row = 0
+        for part in shards:
+            f = store.read(part)[0] if isinstance(part, int) else part
+            out[order[row: row + len(f)]] = f
+            row += len(f)
+
+    if store is None or not write:
         out = np.empty((n, dim), dtype=np.float32)
-        if n:
-            out[order] = np.concatenate(shard_feats)
+        fill(out)
         return out
     path = store.path / "features.npy"
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
-        row = 0
-        for f in shard_feats:
-            out[order[row: row + len(f)]] = f
-            row += len(f)
+        fill(out)
         out.flush()
         del out
     return np.load(path, mmap_mode="r")

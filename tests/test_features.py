@@ -151,3 +151,19 @@ def test_bad_arguments():
         extract_features(model, samples(2), heads=[(0, 0)], pooling="median", progress=False)
     with pytest.raises(P2DError, match="no heads"):
         extract_features(model, samples(2), heads=[], progress=False)
+
+
+def test_a_store_of_many_shards_holds_no_file_per_shard(tmp_path):
+    """A million-row pool makes thousands of shards: holding a memory map (a file descriptor) for each
+    would exhaust a default limit of 1,024 open files."""
+    import os
+
+    model = tiny_model()
+    data = samples(40)
+    kw = dict(heads=[(1, 2)], batch_size=1, shard_samples=1, progress=False, model_id="tiny")
+    before, peak = len(os.listdir("/proc/self/fd")), []
+    res = extract_features(model, data, store_dir=tmp_path / "s",
+                           on_shard=lambda i: peak.append(len(os.listdir("/proc/self/fd"))), **kw)
+    assert len(list((tmp_path / "s").glob("shard-*.npy"))) == 40
+    assert max(peak) - before <= 2  # while extracting: not one open map per finished shard
+    np.testing.assert_array_equal(res.features, extract_features(model, data, **kw).features)
