@@ -30,7 +30,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from p2d import P2DError
 from p2d.io import write_json
 from p2d.loss import forward_token_nll, per_row
-from p2d.tokens import IGNORE, Example, Tokenized, collate, length_batches, resolve_template, tokenize
+from p2d.tokens import Example, Tokenized, collate, length_batches, resolve_template, tokenize
 
 TASKS = ("humaneval", "gsm8k")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
