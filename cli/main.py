@@ -74,6 +74,11 @@ def template_option(f):
                              "(every assistant turn trained), alpaca (the ALPS paper's), plain.")(f)
 
 
+def fields_option(f):
+    return click.option("--fields", default=None,
+                        help="The data's field map when p2d cannot tell it, e.g. 'instruction=q,output=a'.")(f)
+
+
 def model_option(f):
     return click.option("--model", default="smollm2-135m",
                         help="Base model: embedded name, HF directory, .gguf file or hub id.")(f)
@@ -151,6 +156,12 @@ def mine_options(f):
                           "quality, none otherwise (baselines select as published). facility: pick the subset that best covers (facility location over the selector's "
                           "features) the top 2x candidates by score, instead of their top 1x; facility-quality: "
                           "the same, never taking a candidate in the shortlist's worst third by the quality signal."),
+        click.option("--pooling", type=click.Choice(["mean", "last", "mean-all", "max", "weighted"]), default="mean",
+                     help="How head features are pooled over a sample (rds always uses weighted)."),
+        click.option("--quality-weight", default=None, type=float,
+                     help="Weight of the quality rank against affinity (default: 0.5 for nll, 1.0 for ifd-rank and "
+                          "reducible)."),
+        click.option("--dedup", default=None, type=float, help="Drop samples whose cosine to a kept one is >= this."),
         click.option("--selector", type=click.Choice(["p2d", "p2d-paper", "rds", "ifd", "random", "embedding-mid",
                                                       "embedding-last"]), default="p2d",
                      help="p2d (head affinity + quality), or a baseline: p2d-paper (head affinity alone), rds "
@@ -166,20 +177,15 @@ def mine_options(f):
 @click.option("--data", default="p2d:default", help="The pool: a data file, a datasets dir, a hub id, or p2d:default.")
 @click.option("--domain", type=click.Choice(["code", "math", "general"]), default=None)
 @mine_options
-@click.option("--pooling", type=click.Choice(["mean", "last", "mean-all", "max", "weighted"]), default="mean",
-              help="How head features are pooled over a sample (rds always uses weighted).")
-@click.option("--quality-weight", default=None, type=float,
-              help="Weight of the quality rank against affinity (default: 0.5 for nll, 1.0 for ifd-rank and reducible).")
 @click.option("--task-model", default=None,
               help="Proxy task model for --quality reducible (default: the task_model recorded in heads.json).")
-@click.option("--dedup", default=None, type=float, help="Drop samples whose cosine to a kept one is >= this.")
 @click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto")
 @click.option("--max-length", default=128, help="Tokens read per sample.")
 @click.option("--mining-window", "window", default=None, type=int,
               help="Read each sample's prompt and only its first N response tokens (default: as --max-length allows).")
 @template_option
 @click.option("--batch-size", default=16)
-@click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
+@fields_option
 @click.option("--parquet", is_flag=True, help="Also write selected.parquet.")
 @click.option("--seed", default=0)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
@@ -256,7 +262,7 @@ SCOPE_HELP = ("heads: only the selected heads' q rows and their KV groups' k/v r
                    "rows only, so 10%% of heads stays 10%% under heavy GQA.")
 @click.option("--lora-rank", default=128)
 @click.option("--overwrite", is_flag=True, help="Discard a checkpoint in --out that another run (other data or options) wrote.")
-@click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
+@fields_option
 @template_option
 @train_options
 @click.option("--seed", default=0)
@@ -285,7 +291,7 @@ def train(out: str, **kw) -> None:
 @click.option("--task-model", default=None, help="A ready fine-tuned model instead of the proxy run.")
 @click.option("--pool", "--data", "pool", default="p2d:default",
               help="The pool to mine (default: the embedded default pool); --data as in `p2d mine`.")
-@click.option("--fields", default=None, help="The pool's field map, e.g. 'instruction=q,output=a'.")
+@fields_option
 @click.option("--proxy-data", default=None, help="Proxy data (default: the domain card's training data).")
 @click.option("--proxy-samples", default=64)
 @click.option("--proxy-steps", default=16)
@@ -298,11 +304,6 @@ def train(out: str, **kw) -> None:
               help="none: train only the heads' query rows, never a KV group shared with other heads.")
 @click.option("--train-o", is_flag=True, help="Also train the selected heads' o_proj columns.")
 @click.option("--lora-rank", default=128, help="Rank of --scope lora.")
-@click.option("--pooling", type=click.Choice(["mean", "last", "mean-all", "max", "weighted"]), default="mean",
-              help="How head features are pooled over a sample when mining.")
-@click.option("--quality-weight", default=None, type=float,
-              help="Weight of the quality rank against affinity when mining (default: per quality signal).")
-@click.option("--dedup", default=None, type=float, help="When mining, drop samples whose cosine to a kept one is >= this.")
 @click.option("--mine-max-length", default=128, help="Tokens read per sample when mining (prompt and response start).")
 @click.option("--mining-window", default=None, type=int,
               help="When mining, read each sample's prompt and only its first N response tokens.")
@@ -340,7 +341,7 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
 @click.option("--model", default="smollm2-135m",
               help="Base model: embedded name, HF directory, .gguf, hub id, or a config.json file (any size; no weights).")
 @click.option("--data", default="p2d:default", help="The pool (its token lengths are scanned).")
-@click.option("--fields", default=None, help="Explicit field map, e.g. 'instruction=q,output=a'.")
+@fields_option
 @template_option
 @click.option("--data-frac", default=0.1, type=float, help="Fraction of the pool kept.")
 @click.option("--head-frac", default=0.1, type=float, help="Fraction of heads trained.")

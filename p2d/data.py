@@ -125,10 +125,12 @@ def _jsonl_chunks(path: Path, source: str, chunk_rows: int) -> Iterator[Records]
 
 def _read_jsonl(path: Path, source: str) -> Records:
     rows, lines = [], []
-    for chunk in _jsonl_chunks(path, source, 1 << 16):
+    for chunk in _jsonl_chunks(path, source, 1 << 16):  # each row already checked to be an object
         rows += chunk
         lines += chunk.lines
-    return _check_rows(source, rows, lines)
+    if not rows:
+        raise DataError(f"{source}: no records")
+    return Records(rows, lines)
 
 
 def _read_json(path: Path, source: str) -> Records:
@@ -197,14 +199,24 @@ def is_hub_id(source: str) -> bool:
         and not source.startswith(".")
 
 
+def _jsonl_file(source: str) -> Path | None:
+    """The JSONL file behind `source` (a local .jsonl file or p2d:default), which can be read line by line."""
+    if source == "p2d:default":
+        from p2d import default_pool
+
+        return default_pool.pool_path()
+    path = Path(source).expanduser()
+    return path if path.is_file() and _suffix(path) in (".jsonl", ".jsonl.gz", ".ndjson") else None
+
+
 def load_records(source: str) -> list[dict]:
     """Rows of a local file or directory, an embedded `p2d:` source, or a hub id `owner/name[@config][:split]`."""
     source = str(source)
+    if (jsonl := _jsonl_file(source)) is not None:
+        return _read_jsonl(jsonl, source)
     if source.startswith("p2d:"):
         from p2d import default_pool
 
-        if source == "p2d:default":
-            return _read_jsonl(default_pool.pool_path(), source)
         if source.startswith("p2d:seed/"):
             try:
                 return _check_rows(source, default_pool.build_seeds(source.removeprefix("p2d:seed/")))
@@ -215,9 +227,7 @@ def load_records(source: str) -> list[dict]:
     if path.is_dir():
         return _read_with_datasets(path, source)
     suffixes = _suffix(path)
-    if path.is_file():
-        if suffixes in (".jsonl", ".jsonl.gz", ".ndjson"):
-            return _read_jsonl(path, source)
+    if path.is_file():  # JSONL files were read above
         if suffixes in (".json", ".json.gz"):
             return _read_json(path, source)
         if suffixes in (".parquet", ".csv"):
@@ -305,6 +315,12 @@ def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -
     return (with_input if input.strip() else without).format(instruction=instruction, input=input)
 
 
+def text_template(template: str, fallback: str = "alpaca") -> str:
+    """The text prompt behind a template name: itself for alpaca/plain, else (auto, chat) `fallback`,
+    since every example also keeps a text form."""
+    return template if template in TEMPLATES else fallback
+
+
 def single_turn(instruction: str, input: str, output: str) -> tuple[tuple[str, str], ...]:
     """The conversation of an instruction record: one user turn (the input below the instruction), one answer."""
     return ("user", f"{instruction}\n\n{input}" if input.strip() else instruction), ("assistant", output)
@@ -327,7 +343,7 @@ class _Converter:
 
     def __init__(self, source: str, fields: FieldMap | dict | str | None, template: str, domain: str | None):
         self.source, self.fields, self.domain = source, parse_fields(fields), domain
-        self.text = template if template in TEMPLATES else "alpaca"
+        self.text = text_template(template)
         self.seen: dict[str, int] = {}  # id -> its line (or record index): ints, so a million ids stay small
         self.empty: list[str] = []
         self.rows = self.kept = 0
@@ -336,9 +352,9 @@ class _Converter:
         if records and self.fields is None:
             self.fields = detect_fields(records[0], self.source)
         fields, examples = self.fields, []
+        lines = getattr(records, "lines", None)
         for j, record in enumerate(records):
             i = self.rows + j
-            lines = getattr(records, "lines", None)
             where = self._where(lines[j] if lines else i, bool(lines))
             if fields.messages:
                 instruction, input_, output, messages = _from_messages(record, fields.messages, where)
@@ -350,7 +366,6 @@ class _Converter:
             if not instruction.strip() or not output.strip():
                 if len(self.empty) < 5:
                     self.empty.append(where)
-                self.kept -= 1
                 continue
             id_ = str(record["id"]) if record.get("id") is not None else str(i)
             if id_ in self.seen:
@@ -361,7 +376,7 @@ class _Converter:
                                     domain=record_domain if isinstance(record_domain, str) else self.domain,
                                     raw=record, messages=messages))
         self.rows += len(records)
-        self.kept += len(records)
+        self.kept += len(examples)
         return examples
 
     def _where(self, n: int, is_line: bool) -> str:
@@ -417,13 +432,8 @@ def select_examples(source: str, ids: Iterable[str], fields: FieldMap | dict | s
 
 
 def _record_chunks(source: str, chunk_rows: int) -> Iterator[Records]:
-    path = Path(source).expanduser()
-    if source == "p2d:default":
-        from p2d import default_pool
-
-        path = default_pool.pool_path()
-    if path.is_file() and _suffix(path) in (".jsonl", ".jsonl.gz", ".ndjson"):
-        yield from _jsonl_chunks(path, source, chunk_rows)
+    if (jsonl := _jsonl_file(source)) is not None:
+        yield from _jsonl_chunks(jsonl, source, chunk_rows)
         return
     records = load_records(source)
     lines = getattr(records, "lines", None)

@@ -170,14 +170,9 @@ def humaneval_prompt(problem: dict, style: str = "alpaca", template: str = "alpa
         return problem["prompt"]
     if style != "alpaca":
         raise P2DError(f"prompt_style must be 'alpaca' or 'raw', not {style!r}")
-    from p2d.data import format_prompt
+    from p2d.data import format_prompt, text_template
 
-    return format_prompt(HUMANEVAL_INSTRUCTION.format(prompt=problem["prompt"]), "", _text(template))
-
-
-def _text(template: str) -> str:
-    """The text prompt format behind a template name (chat examples keep an Alpaca text form too)."""
-    return template if template in ("alpaca", "plain") else "alpaca"
+    return format_prompt(HUMANEVAL_INSTRUCTION.format(prompt=problem["prompt"]), "", text_template(template))
 
 
 def _prompts(examples: list[Example], tokenizer, template: str) -> tuple[list[str], bool]:
@@ -348,9 +343,9 @@ def gsm8k_rows(source: str | os.PathLike, limit: int | None = None) -> list[dict
 
 
 def gsm8k_prompt(row: dict, template: str = "alpaca") -> str:
-    from p2d.data import format_prompt
+    from p2d.data import format_prompt, text_template
 
-    return format_prompt(row["question"], "", _text(template))
+    return format_prompt(row["question"], "", text_template(template))
 
 
 def gsm8k_done(text: str) -> bool:
@@ -444,6 +439,7 @@ def evaluate(model, domain: str | None = None, *, eval_source: str | os.PathLike
     elif tokenizer is None:
         raise P2DError("evaluate: a loaded model needs its tokenizer")
 
+    template = resolve_template(template, tokenizer)
     if eval_task == "humaneval":
         examples = humaneval_examples(humaneval_problems(eval_source, nll_limit), template)
     elif eval_task == "gsm8k":
@@ -456,7 +452,8 @@ def evaluate(model, domain: str | None = None, *, eval_source: str | os.PathLike
     nll = response_nll(model, tokenize(examples, tokenizer, max_length, template), pad_id, batch_size,
                        progress=progress)
     result: dict = {"domain": domain, "eval_source": None if eval_source is None else str(eval_source),
-                    "eval_task": eval_task, "template": resolve_template(template, tokenizer), "nll": nll.mean, "nll_samples": len(examples), "nll_tokens": nll.tokens}
+                    "eval_task": eval_task, "template": template, "nll": nll.mean, "nll_samples": len(examples),
+                    "nll_tokens": nll.tokens}
 
     if tasks and eval_task is not None:
         gen_args = {"template": template, "batch_size": batch_size, "progress": progress}

@@ -186,10 +186,12 @@ class FeatureStore:
         save_npy(self.path / f"shard-{shard:05d}.npy", features)
         write_json(self.path / f"shard-{shard:05d}.json", {"ids": ids, "quality": quality})
 
-    def read(self, shard: int) -> tuple[np.ndarray, list[float] | None]:
-        """Features memory-mapped (not loaded), quality values."""
-        meta = read_json(self.path / f"shard-{shard:05d}.json")
-        return np.load(self.path / f"shard-{shard:05d}.npy", mmap_mode="r"), meta["quality"]
+    def features(self, shard: int) -> np.ndarray:
+        """The shard's features, memory-mapped (not loaded)."""
+        return np.load(self.path / f"shard-{shard:05d}.npy", mmap_mode="r")
+
+    def quality(self, shard: int) -> list[float] | None:
+        return read_json(self.path / f"shard-{shard:05d}.json")["quality"]
 
 
 def _short(v) -> str:
@@ -298,7 +300,7 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
             if si % world != rank:  # another rank's shard: read after the barrier below
                 continue
             if store and store.done(si, ids):
-                feats, qual = store.read(si)
+                qual = store.quality(si)
                 bar.advance(task, len(order))
             else:
                 feats_t, qual_t = [], []
@@ -318,7 +320,6 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
                 qual = qual.tolist() if qual is not None else None
                 if store:
                     store.write(si, ids, feats, qual)
-                    feats, qual = si, store.read(si)[1]
                 if on_shard:
                     on_shard(si)
             done_feats.append(si if store else feats)
@@ -330,7 +331,7 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
             if not store.done(si, [names[i] for b in shard for i in b]):
                 raise P2DError(f"feature store {store.path}: shard {si} is missing after every rank finished")
             done_feats.append(si)
-            done_quality.append(store.read(si)[1])
+            done_quality.append(store.quality(si))
     seconds = time.perf_counter() - t0
 
     order = np.array([i for s in shards for b in s for i in b], dtype=np.int64)
@@ -350,7 +351,7 @@ def _assemble(shards: list[np.ndarray | int], order: np.ndarray, n: int, dim: in
     def fill(out: np.ndarray) -> None:
         row = 0
         for part in shards:
-            f = store.read(part)[0] if isinstance(part, int) else part
+            f = store.features(part) if isinstance(part, int) else part
             out[order[row: row + len(f)]] = f
             row += len(f)
 

@@ -111,11 +111,10 @@ def resolve_template(template: str, tokenizer) -> str:
 
 
 def check_template(template: str, model_spec: str) -> None:
-    """`resolve_template` before any model loads: reads only the tokenizer, and only when it matters."""
-    if template not in TEMPLATES or template == "chat":
-        from p2d.models import load_tokenizer
+    """`resolve_template` before any model loads: the name always, the tokenizer (only it) for `chat`."""
+    from p2d.models import load_tokenizer
 
-        resolve_template(template, load_tokenizer(model_spec) if template == "chat" else None)
+    resolve_template(template, load_tokenizer(model_spec) if template == "chat" else None)
 
 
 def _chat(tokenizer, messages, generation_prompt: bool) -> str:

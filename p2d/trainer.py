@@ -129,13 +129,13 @@ def _dtype(config: TrainConfig) -> torch.dtype:
 STALE_LOCK_S = 600  # a DeepSpeed extension builds in about a minute; a lock this old was left by a killed build
 
 
-def check_extension_locks(now: float | None = None) -> None:
+def check_extension_locks() -> None:
     """Fail with the path instead of hanging: torch waits forever on the build lock that a run killed while
     DeepSpeed compiled its CPU extension leaves behind ($TORCH_EXTENSIONS_DIR/<python>/<extension>/lock)."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    now = time.time() if now is None else now
+    now = time.time()
     for lock in sorted(root.glob("*/*/lock")) + sorted(root.glob("*/lock")):
         age = now - lock.stat().st_mtime
         if age > STALE_LOCK_S:

@@ -69,7 +69,7 @@ def make_task_model(cfg: LocalizeConfig, out_dir: Path, progress: bool = True) -
     reused only while base, data and proxy options are those it was made from)."""
     if cfg.task_model:
         return resolve_model(cfg.task_model)
-    from p2d.data import load_examples
+    from p2d.data import load_examples, text_template
     from p2d.proxy import run_proxy
 
     task_dir, record = out_dir / "proxy" / "task_model", out_dir / "proxy" / "proxy.json"
@@ -77,8 +77,8 @@ def make_task_model(cfg: LocalizeConfig, out_dir: Path, progress: bool = True) -
     if (task_dir / "config.json").is_file() and record.is_file() and read_json(record).get("key") == key:
         return str(task_dir)
     source = proxy_source(cfg)
-    text = cfg.proxy.template if cfg.proxy.template in ("alpaca", "plain") else _card_text(cfg)
-    examples = load_examples(source, template=text, domain=cfg.domain, limit=cfg.proxy.samples)
+    examples = load_examples(source, template=text_template(cfg.proxy.template, _card_text(cfg)), domain=cfg.domain,
+                             limit=cfg.proxy.samples)
     console.print(f"[bold]proxy[/] fine-tuning {cfg.model} on {len(examples)} samples of {source} "
                   f"({cfg.proxy.steps} steps, scope {cfg.proxy.scope})")
     return str(run_proxy(cfg.model, examples, out_dir / "proxy", cfg.proxy, progress=progress, key=key))

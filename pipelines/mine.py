@@ -68,11 +68,7 @@ class MineConfig:
     def validate_options(self) -> None:
         """The checks that need no input file (also what `p2d run` checks before its first stage)."""
         from p2d.mining import DIVERSITIES, QUALITIES, SELECTORS, SHORTLISTED, n_selected
-        from p2d.tokens import TEMPLATES
-
         n_selected(self.data_frac, 1)
-        if self.template not in TEMPLATES:
-            raise P2DError(f"--template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if self.max_length <= 0 or self.batch_size <= 0:
             raise P2DError("--max-length and --batch-size must be positive")
         if self.window is not None and self.window <= 0:

@@ -107,7 +107,7 @@ class RunConfig:
 
         load_card(self.domain)
         self.localize_config().validate()
-        check_train_options(self.scope, self.train, self.kv_scope, self.template)
+        check_train_options(self.scope, self.train, self.kv_scope)
         if self.reference.steps <= 0:
             raise P2DError(f"--reference-steps must be positive, got {self.reference.steps}")
         if self.mine_max_length <= 0:

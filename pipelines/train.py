@@ -43,7 +43,7 @@ class TrainRunConfig:
     def validate(self) -> None:
         from p2d.tokens import check_template
 
-        check_train_options(self.scope, self.train, self.kv_scope, self.template)
+        check_train_options(self.scope, self.train, self.kv_scope)
         check_template(self.template, self.model)
         if self.scope in HEAD_SCOPES and not self.heads:
             raise P2DError(f"--scope {self.scope} trains selected heads: pass --heads heads.json")
@@ -51,13 +51,10 @@ class TrainRunConfig:
             raise P2DError(f"--heads: file not found: {self.heads}")
 
 
-def check_train_options(scope: str, t: TrainConfig, kv_scope: str = "shared", template: str = "auto") -> None:
-    """Options that are wrong whatever the data: checked before any stage runs."""
+def check_train_options(scope: str, t: TrainConfig, kv_scope: str = "shared") -> None:
+    """Options that are wrong whatever the data: checked before any stage runs (the template: `check_template`)."""
     from p2d.masking import KV_SCOPES
-    from p2d.tokens import TEMPLATES
 
-    if template not in TEMPLATES:
-        raise P2DError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     if scope not in SCOPES:
         raise P2DError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if kv_scope not in KV_SCOPES:
