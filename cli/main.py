@@ -40,7 +40,8 @@ def _load_config(ctx: click.Context, _param, path: str | None) -> str | None:
     except (OSError, yaml.YAMLError) as e:
         console.print(f"[bold red]error:[/] --config {path}: {e}", soft_wrap=True, highlight=False)
         sys.exit(2)
-    names = {p.name: p for p in ctx.command.params if p.name not in ("config", "help")}
+    names = {flag.lstrip("-").replace("-", "_"): p for p in ctx.command.params if p.name not in ("config", "help")
+             for flag in [p.name, *getattr(p, "opts", [])]}  # a key may be an option's name or any of its flags
     if not isinstance(data, dict):
         console.print(f"[bold red]error:[/] --config {path}: expected a mapping of option names to values",
                       highlight=False)
@@ -50,7 +51,9 @@ def _load_config(ctx: click.Context, _param, path: str | None) -> str | None:
         console.print(f"[bold red]error:[/] --config {path}: unknown option(s) {', '.join(map(str, unknown))}; "
                       f"see `p2d {ctx.command.name} --help`", soft_wrap=True, highlight=False)
         sys.exit(2)
-    ctx.default_map = (ctx.default_map or {}) | {str(k).replace("-", "_"): v for k, v in data.items()}
+    params = {names[str(k).replace("-", "_")]: v for k, v in data.items()}
+    ctx.default_map = (ctx.default_map or {}) | {  # a repeatable option (--data) also takes one value, as its flag does
+        p.name: [v] if getattr(p, "multiple", False) and isinstance(v, str) else v for p, v in params.items()}
     return path
 
 
@@ -72,6 +75,11 @@ def template_option(f):
     return click.option("--template", type=click.Choice(TEMPLATES), default="auto",
                         help="Prompt format: auto (the tokenizer's chat template if it has one, else alpaca), chat "
                              "(every assistant turn trained), alpaca (the ALPS paper's), plain.")(f)
+
+
+def data_option(*names: str, help: str, **kw):
+    """A data option that takes several sources (repeat it), read as one pool, each in its own schema."""
+    return click.option(*names, multiple=True, help=help + " Repeat it for several sources (one pool).", **kw)
 
 
 def fields_option(f):
@@ -174,7 +182,7 @@ def mine_options(f):
 @main.command()
 @model_option
 @click.option("--heads", default=None, type=click.Path(dir_okay=False), help="heads.json from `p2d localize`.")
-@click.option("--data", default="p2d:default", help="The pool: a data file, a datasets dir, a hub id, or p2d:default.")
+@data_option("--data", default=["p2d:default"], help="The pool: a data file, a datasets dir, a hub id, or p2d:default.")
 @click.option("--domain", type=click.Choice(["code", "math", "general"]), default=None)
 @mine_options
 @click.option("--task-model", default=None,
@@ -253,7 +261,7 @@ SCOPE_HELP = ("heads: only the selected heads' q rows and their KV groups' k/v r
 @main.command()
 @model_option
 @click.option("--heads", default=None, type=click.Path(dir_okay=False), help="heads.json (head scopes).")
-@click.option("--data", required=True, help="Training data (e.g. a mined selected.jsonl).")
+@data_option("--data", required=True, help="Training data (e.g. a mined selected.jsonl).")
 @click.option("--scope", type=click.Choice(["heads", "alps", "random", "lc", "full", "no-attn", "lora", "qkv"]),
               default="heads", help=SCOPE_HELP)
 @click.option("--train-o", is_flag=True, help="Also train the selected heads' o_proj columns.")
@@ -289,8 +297,8 @@ def train(out: str, **kw) -> None:
 @click.option("--domain", type=click.Choice(["code", "math", "general"]), default="code")
 @model_option
 @click.option("--task-model", default=None, help="A ready fine-tuned model instead of the proxy run.")
-@click.option("--pool", "--data", "pool", default="p2d:default",
-              help="The pool to mine (default: the embedded default pool); --data as in `p2d mine`.")
+@data_option("--pool", "--data", "pool", default=["p2d:default"],
+             help="The pool to mine (default: the embedded default pool); --data as in `p2d mine`.")
 @fields_option
 @click.option("--proxy-data", default=None, help="Proxy data (default: the domain card's training data).")
 @click.option("--proxy-samples", default=64)
@@ -340,7 +348,7 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
 @main.command()
 @click.option("--model", default="smollm2-135m",
               help="Base model: embedded name, HF directory, .gguf, hub id, or a config.json file (any size; no weights).")
-@click.option("--data", default="p2d:default", help="The pool (its token lengths are scanned).")
+@data_option("--data", default=["p2d:default"], help="The pool (its token lengths are scanned).")
 @fields_option
 @template_option
 @click.option("--data-frac", default=0.1, type=float, help="Fraction of the pool kept.")
@@ -353,14 +361,14 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
 @click.option("--mfu", default=0.4, type=float, help="Model FLOP utilisation assumed with a named GPU.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the plan as JSON here.")
 @user_errors
-def plan(model: str, data: str, fields: str | None, template: str, out: str | None, max_length: int, **kw) -> None:
+def plan(model: str, data: tuple[str, ...], fields: str | None, template: str, out: str | None, max_length: int, **kw) -> None:
     """Predict each stage's FLOPs, seconds and peak memory before running anything."""
     from p2d.pipelines.plan import plan_pool
     from p2d.plan import PlanConfig
 
     cfg = PlanConfig(train_max_length=max_length, **kw)
     cfg.validate()
-    plan_pool(model, data, cfg, out, fields, template)
+    plan_pool(model, list(data), cfg, out, fields, template)
 
 
 @main.command(name="eval")

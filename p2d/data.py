@@ -15,13 +15,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from p2d import P2DError
 from p2d.tokens import Example, PackedTokens, tokenize
 
 
 log = logging.getLogger(__name__)
+
+
+Sources = str | Sequence[str]  # one data source, or several read as one pool
 
 
 class DataError(P2DError):
@@ -341,8 +344,9 @@ def text_chat_template(tokenizer, template: str = "alpaca") -> str:
 class _Converter:
     """Records to Examples, chunk after chunk, with one schema, one id namespace and one row count."""
 
-    def __init__(self, source: str, fields: FieldMap | dict | str | None, template: str, domain: str | None):
-        self.source, self.fields, self.domain = source, parse_fields(fields), domain
+    def __init__(self, source: str, fields: FieldMap | dict | str | None, template: str, domain: str | None,
+                 prefix: str | None = None):
+        self.source, self.fields, self.domain, self.prefix = source, parse_fields(fields), domain, prefix
         self.text = text_template(template)
         self.seen: dict[str, int] = {}  # id -> its line (or record index): ints, so a million ids stay small
         self.empty: list[str] = []
@@ -368,6 +372,8 @@ class _Converter:
                     self.empty.append(where)
                 continue
             id_ = str(record["id"]) if record.get("id") is not None else str(i)
+            if self.prefix:
+                id_ = f"{self.prefix}/{id_}"
             if id_ in self.seen:
                 raise DataError(f"{where}: duplicate id {id_!r} (also {self._where(self.seen[id_], bool(lines))})")
             self.seen[id_] = lines[j] if lines else i
@@ -407,24 +413,56 @@ def to_examples(records: list[dict], source: str, fields: FieldMap | dict | str 
     return examples
 
 
-def iter_examples(source: str, fields: FieldMap | dict | str | None = None, template: str = "alpaca",
+def sources_of(source: Sources) -> list[str]:
+    """The sources of a pool given as one source or several."""
+    sources = [str(source)] if isinstance(source, (str, os.PathLike)) else [str(s) for s in source]
+    if not sources:
+        raise DataError("no data source given")
+    return sources
+
+
+def pool_spec(sources: Iterable[str]) -> Sources:
+    """How a pool is written in configs and summaries: one source as a string, several as a list."""
+    out = [str(s) for s in sources]
+    return out[0] if len(out) == 1 else out
+
+
+def source_names(source: Sources) -> list[str]:
+    """A short unique name per source (its file name without suffixes): several sources' ids are
+    `name/id`, which keeps rows without ids (numbered per file) apart and says where each row came from."""
+    names: list[str] = []
+    for s in sources_of(source):
+        stem = s.removeprefix("p2d:").rstrip("/").replace("/", "-") if s.startswith("p2d:") or is_hub_id(s) \
+            else Path(s).name.split(".")[0]
+        name = re.sub(r"[^\w.-]+", "_", stem) or "data"
+        names.append(name if name not in names else f"{name}-{len(names) + 1}")
+    return names
+
+
+def iter_examples(source: Sources, fields: FieldMap | dict | str | None = None, template: str = "alpaca",
                   domain: str | None = None, chunk_rows: int = 8192) -> Iterator[list[Example]]:
     """`load_examples` in chunks, for pools too large to hold as Python records: JSONL files (and
-    p2d:default) are read line by line; other formats are read whole, then handed out in chunks."""
-    convert = _Converter(source, fields, template, domain)
-    for records in _record_chunks(source, chunk_rows):
-        yield convert(records)
-    convert.finish()
+    p2d:default) are read line by line; other formats are read whole, then handed out in chunks.
+
+    Several sources are read one after the other, each with its own schema (unless `fields` names
+    one for all), their ids prefixed by `source_names`."""
+    sources = sources_of(source)
+    prefixes = source_names(sources) if len(sources) > 1 else [None]
+    for src, prefix in zip(sources, prefixes):
+        convert = _Converter(src, fields, template, domain, prefix)
+        for records in _record_chunks(src, chunk_rows):
+            yield convert(records)
+        convert.finish()
 
 
-def load_tokens(source: str, tokenizer, max_length: int, template: str = "alpaca",
+def load_tokens(source: Sources, tokenizer, max_length: int, template: str = "alpaca",
                 fields: FieldMap | dict | str | None = None, window: int | None = None) -> PackedTokens:
     """A whole pool read, tokenized and packed chunk by chunk: memory grows with its tokens, not its records."""
     return PackedTokens.pack((tokenize(chunk, tokenizer, max_length, template, window)
                               for chunk in iter_examples(source, fields, template)), vocab_size=len(tokenizer))
 
 
-def select_examples(source: str, ids: Iterable[str], fields: FieldMap | dict | str | None = None,
+def select_examples(source: Sources, ids: Iterable[str], fields: FieldMap | dict | str | None = None,
                     template: str = "alpaca") -> list[Example]:
     """The examples of `source` whose ids are in `ids`, in file order, read chunk by chunk."""
     wanted = set(ids)
@@ -441,9 +479,14 @@ def _record_chunks(source: str, chunk_rows: int) -> Iterator[Records]:
         yield Records(records[s: s + chunk_rows], lines[s: s + chunk_rows] if lines else None)
 
 
-def load_examples(source: str, fields: FieldMap | dict | str | None = None, template: str = "alpaca",
+def load_examples(source: Sources, fields: FieldMap | dict | str | None = None, template: str = "alpaca",
                   domain: str | None = None, limit: int | None = None) -> list[Example]:
-    """`load_records` + `to_examples`; `limit` keeps the first N records."""
+    """`load_records` + `to_examples`; `limit` keeps the first N records (of a single source)."""
+    if not isinstance(source, (str, os.PathLike)) and len(sources_of(source)) > 1:
+        if limit is not None:
+            raise DataError("a record limit applies to one data source, not several")
+        return [e for chunk in iter_examples(source, fields, template, domain) for e in chunk]
+    source = sources_of(source)[0]
     records = load_records(source)
     if limit is not None:
         records = Records(records[:limit], records.lines[:limit] if getattr(records, "lines", None) else None)

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import yaml
@@ -37,7 +38,7 @@ CHAT_KEYS = ("messages", "conversations")
 PROMPT_FORMAT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def infer_schema(records: list[dict], source_format: str = "", fields: str | None = None) -> dict:
+def infer_schema(records: list[dict], source: str = "", fields: str | None = None) -> dict:
     """{"kind": "chat", "field": ..., "role": ..., "content": ...} or {"kind": "pair", "prompt": ..., "input": ..., "response": ...}.
 
     `fields`: the field map the pool was read with (`--fields`), which names the columns outright."""
@@ -60,7 +61,7 @@ def infer_schema(records: list[dict], source_format: str = "", fields: str | Non
         if prompt in keys and response in keys:
             return {"kind": "pair", "prompt": prompt, "input": inp if inp in keys else None, "response": response,
                     "system": "system" if "system" in keys else None}
-    what = f" ({source_format})" if source_format else ""
+    what = f" ({source})" if source else ""
     raise P2DError(f"cannot map the pool's records{what} to a trainer schema: fields {sorted(keys)}; expected "
                    f"{' or '.join(CHAT_KEYS)}, or one of " + ", ".join(f"{p}/{r}" for p, _, r in PAIR_SCHEMAS))
 
@@ -150,43 +151,71 @@ def axolotl_unfrozen(model, heads: list[tuple[int, int]]) -> list[str]:
     return out
 
 
-def scores_csv(result) -> str:
-    """id, affinity, quality, score, rank, selected for every pool sample, in pool order."""
+def row_source(sample_id: str, sources: list[str]) -> str:
+    """The source name of a pool row: several sources' ids are `name/id` (`p2d.data.source_names`)."""
+    return sample_id.split("/", 1)[0] if len(sources) > 1 else sources[0]
+
+
+def scores_csv(result, sources: list[str] | None = None) -> str:
+    """id, affinity, quality, score, rank, selected (and with several sources, source) for every pool
+    sample, in pool order."""
     def num(x) -> str:
         return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
 
+    several = sources is not None and len(sources) > 1
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "affinity", "quality", "score", "rank", "selected"])
+    w.writerow(["id", "affinity", "quality", "score", "rank", "selected"] + (["source"] if several else []))
     quality = result.quality if result.quality is not None else [None] * len(result.ids)
     for i, sid in enumerate(result.ids):
         w.writerow([sid, num(float(result.affinity[i])), num(None if quality[i] is None else float(quality[i])),
-                    num(float(result.score[i])), int(result.rank[i]), int(bool(result.selected[i]))])
+                    num(float(result.score[i])), int(result.rank[i]), int(bool(result.selected[i]))]
+                   + ([row_source(sid, sources)] if several else []))
     return buf.getvalue()
 
 
-def export_subset(out_dir: str | Path, kept: list[Example], result, source_format: str = "",
+def export_subset(out_dir: str | Path, kept: list[Example], result, source: str = "",
                   parquet: bool = False, dataset_name: str = "p2d_selected", axolotl: dict | None = None,
-                  fields: str | None = None) -> dict[str, Path]:
+                  fields: str | None = None, sources: list[str] | None = None) -> dict[str, Path]:
     """Write selected.jsonl, trl.jsonl, scores.csv, dataset_info.json, axolotl.yaml (and selected.parquet).
 
     `axolotl`: further top-level keys of axolotl.yaml (base_model, unfrozen_parameters, training
-    settings), so the file is a complete config that trains what p2d would.
+    settings), so the file is a complete config that trains what p2d would. `sources`: the pool's
+    source names (`p2d.data.source_names`); with several, each source's selected rows also go to
+    selected/NAME.jsonl in its own schema, with an entry each in dataset_info.json and axolotl.yaml,
+    since a trainer maps one schema per dataset.
     """
     out = Path(out_dir)
     if [e.id for e in kept] != [i for i, keep in zip(result.ids, result.selected) if keep]:
         raise P2DError("export: the examples are not the ones selected (ids differ)")
-    rows = [e.raw for e in kept]
-    if not rows:
+    if not kept:
         raise P2DError("export: nothing was selected")
-    schema = infer_schema(rows, source_format, fields)
+    sources = sources or ["selected"]
+    parts: dict[str, list[Example]] = {}
+    for e in kept:
+        parts.setdefault(row_source(e.id, sources), []).append(e)
+    several = len(sources) > 1
+    schemas = {name: infer_schema([e.raw for e in part], name if several else source, fields)
+               for name, part in parts.items()}
+    files = {name: f"selected/{name}.jsonl" if several else "selected.jsonl" for name in parts}
+    # trl.jsonl is one dataset: conversations only when every part is one, else the prompt/completion p2d trains on
+    trl_schema = next(iter(schemas.values())) if all(s["kind"] == "chat" for s in schemas.values()) \
+        else {"kind": "pair"}
     paths = {name: out / name for name in ("selected.jsonl", "trl.jsonl", "scores.csv", "dataset_info.json",
                                            "axolotl.yaml")}
-    write_text(paths["selected.jsonl"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_text(paths["trl.jsonl"], "".join(json.dumps(trl_record(e, schema), ensure_ascii=False) + "\n" for e in kept))
-    write_text(paths["scores.csv"], scores_csv(result))
-    write_json(paths["dataset_info.json"], {dataset_name: llamafactory_entry(schema, "selected.jsonl")})
-    config = {**(axolotl or {}), "datasets": [axolotl_dataset(schema, str(paths["selected.jsonl"].resolve()))]}
+    write_text(paths["selected.jsonl"], _jsonl(e.raw for e in kept))
+    shutil.rmtree(out / "selected", ignore_errors=True)  # an earlier run's per-source files
+    if several:
+        for name, part in parts.items():
+            paths[files[name]] = out / files[name]
+            write_text(paths[files[name]], _jsonl(e.raw for e in part))
+    write_text(paths["trl.jsonl"], _jsonl(trl_record(e, trl_schema if several else schemas[row_source(e.id, sources)])
+                                          for e in kept))
+    write_text(paths["scores.csv"], scores_csv(result, sources))
+    write_json(paths["dataset_info.json"], {(f"{dataset_name}_{name}" if several else dataset_name):
+                                            llamafactory_entry(schemas[name], files[name]) for name in parts})
+    config = {**(axolotl or {}), "datasets": [axolotl_dataset(schemas[name], str((out / files[name]).resolve()))
+                                              for name in parts]}
     head = "# axolotl train axolotl.yaml  (written by p2d mine; unfrozen_parameters train the selected heads' rows)\n"
     write_text(paths["axolotl.yaml"], head + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     if not parquet:
@@ -197,9 +226,13 @@ def export_subset(out_dir: str | Path, kept: list[Example], result, source_forma
 
         paths["selected.parquet"] = out / "selected.parquet"
         try:
-            table = pa.Table.from_pylist(rows)
+            table = pa.Table.from_pylist([e.raw for e in kept])
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise P2DError(f"export: the selected records do not fit one Parquet schema ({e}); use selected.jsonl") from e
         with atomic_path(paths["selected.parquet"]) as tmp:
             pq.write_table(table, tmp)
     return paths
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

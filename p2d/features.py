@@ -289,7 +289,7 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
     names = sample_ids(tokenized)
     n_tokens = 0
     done_feats: list[np.ndarray | int] = []  # a shard's rows, or with a store its index (read back when assembled)
-    done_quality: list[list[float] | None] = []
+    done_quality: list[np.ndarray | None] = []  # arrays, not lists: a million long-lived floats pin pymalloc arenas
     t0 = time.perf_counter()
     bar = _progress(progress)
     with bar, torch.inference_mode():
@@ -300,7 +300,7 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
             if si % world != rank:  # another rank's shard: read after the barrier below
                 continue
             if store and store.done(si, ids):
-                qual = store.quality(si)
+                qual = _quality_array(store.quality(si))
                 bar.advance(task, len(order))
             else:
                 feats_t, qual_t = [], []
@@ -317,9 +317,9 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
                                          batch_size, max_tokens)
                     n_tokens += n
                     qual = qual / alone
-                qual = qual.tolist() if qual is not None else None
+                qual = qual.numpy() if qual is not None else None
                 if store:
-                    store.write(si, ids, feats, qual)
+                    store.write(si, ids, feats, None if qual is None else qual.tolist())
                 if on_shard:
                     on_shard(si)
             done_feats.append(si if store else feats)
@@ -331,7 +331,7 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
             if not store.done(si, [names[i] for b in shard for i in b]):
                 raise P2DError(f"feature store {store.path}: shard {si} is missing after every rank finished")
             done_feats.append(si)
-            done_quality.append(store.quality(si))
+            done_quality.append(_quality_array(store.quality(si)))
     seconds = time.perf_counter() - t0
 
     order = np.array([i for s in shards for b in s for i in b], dtype=np.int64)
@@ -339,8 +339,12 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
     qual_arr = None
     if quality != "none":
         qual_arr = np.empty(len(tokenized), dtype=np.float64)
-        qual_arr[order] = np.array([v for q in done_quality for v in q], dtype=np.float64)
+        qual_arr[order] = np.concatenate(done_quality)
     return FeatureResult(names, features, qual_arr, seconds, n_tokens)
+
+
+def _quality_array(values: list[float] | None) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, dtype=np.float64)
 
 
 def _assemble(shards: list[np.ndarray | int], order: np.ndarray, n: int, dim: int, store: FeatureStore | None,

@@ -136,11 +136,14 @@ def remove_stale_temps(path: Path) -> list[Path]:
     return removed
 
 
-def input_digest(spec: str | os.PathLike | None) -> str | None:
+def input_digest(spec: str | os.PathLike | list | tuple | None) -> str | None:
     """What a cache key needs of an input: a file's content hash, a directory's listing (name, size,
-    mtime), or the spec itself for what is not a local path (a hub id, p2d:default)."""
+    mtime), or the spec itself for what is not a local path (a hub id, p2d:default); for several
+    inputs (a pool of several sources), the digest of their digests in order."""
     if spec is None:
         return None
+    if isinstance(spec, (list, tuple)):
+        return "list:" + hashlib.sha256(json.dumps([input_digest(s) for s in spec]).encode()).hexdigest()
     path = Path(spec)
     if path.is_file():
         h = hashlib.sha256()

@@ -23,7 +23,7 @@ DEFAULT_POOL = "p2d:default"
 @dataclass
 class MineConfig:
     heads: str | None = None
-    data: str = DEFAULT_POOL
+    data: str | list[str] = DEFAULT_POOL  # several sources are mined as one pool
     model: str = DEFAULT_MODEL
     target: str | None = None
     domain: str | None = None
@@ -49,6 +49,11 @@ class MineConfig:
     parquet: bool = False
     fields: str | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from p2d.data import pool_spec, sources_of
+
+        self.data = pool_spec(sources_of(self.data))  # one source as a string, several as a list
 
     def validate(self) -> None:
         from p2d.tokens import check_template
@@ -129,7 +134,7 @@ def target_source(cfg: MineConfig) -> str:
 
 def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Run the mine command; returns the summary written to out_dir/mine.json."""
-    from p2d.data import load_examples, load_tokens, select_examples
+    from p2d.data import load_examples, load_tokens, select_examples, source_names, sources_of
     from p2d.exports import export_subset
     from p2d.mining import mine
     from p2d.models import load_model
@@ -165,9 +170,10 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
         return result.summary
     start = time.perf_counter()
     kept = select_examples(cfg.data, [i for i, keep in zip(result.ids, result.selected) if keep], cfg.fields, template)
-    paths = export_subset(out_dir, kept, result, source_format=Path(cfg.data).suffix, parquet=cfg.parquet,
+    paths = export_subset(out_dir, kept, result, source=", ".join(sources_of(cfg.data)), parquet=cfg.parquet,
                           fields=cfg.fields,
-                          axolotl=axolotl_settings(model, heads, resolve_model(cfg.model)))
+                          axolotl=axolotl_settings(model, heads, resolve_model(cfg.model)),
+                          sources=source_names(cfg.data))
     summary = {"model": cfg.model, "pool": cfg.data, "target": tsource, "heads_file": cfg.heads, "template": template,
                "window": cfg.window,
                "task_model": cfg.task_model_path() if cfg.needs_task_model() else None,

@@ -26,7 +26,7 @@ def model_config(spec: str):
     return load_config(spec)
 
 
-def scan_pool(model: str, data: str, fields: str | None = None, proxy_data: str | None = None,
+def scan_pool(model: str, data: str | list[str], fields: str | None = None, proxy_data: str | None = None,
               template: str = "auto") -> tuple[object, Lengths, Lengths | None]:
     """(model config, the pool's token lengths, the proxy data's when given): all a plan reads.
     Without a tokenizer (a bare config.json) lengths are bytes / 4 whatever the template."""
@@ -43,12 +43,14 @@ def scan_pool(model: str, data: str, fields: str | None = None, proxy_data: str 
     return config, scan(load_tokens(data, tok, 2**31, template, fields)), proxy
 
 
-def plan_pool(model: str, data: str, cfg: PlanConfig, out: str | Path | None = None, fields: str | None = None,
+def plan_pool(model: str, data: str | list[str], cfg: PlanConfig, out: str | Path | None = None, fields: str | None = None,
               template: str = "auto") -> dict:
     """Scan the pool's token lengths, predict each stage, print the table; write plan.json to `out` if given."""
+    from p2d.data import pool_spec, sources_of
+
     config, lengths, _ = scan_pool(model, data, fields, template=template)
     plan = make_plan(config, lengths, cfg)
-    plan["model"]["spec"], plan["pool"] = model, data
+    plan["model"]["spec"], plan["pool"] = model, pool_spec(sources_of(data))
     console.print(plan_table(plan))
     if out is not None:
         write_json(Path(out), plan)

@@ -12,7 +12,7 @@ from p2d.trainer import TrainConfig
 
 @dataclass
 class ReferenceRunConfig:
-    pool: str
+    pool: str | list[str]
     model: str
     train: TrainConfig
     estimate: ReferenceConfig = field(default_factory=ReferenceConfig)

@@ -39,7 +39,7 @@ class RunConfig:
     domain: str = "code"
     model: str = DEFAULT_MODEL
     task_model: str | None = None
-    pool: str = DEFAULT_POOL
+    pool: str | list[str] = DEFAULT_POOL  # several sources are mined as one pool
     fields: str | None = None  # the pool's field map (mining, training and the reference read it the same way)
     target: str | None = None
     proxy_data: str | None = None
@@ -71,6 +71,11 @@ class RunConfig:
     evaluate: bool = False
     eval_limit: int | None = 20
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from p2d.data import pool_spec, sources_of
+
+        self.pool = pool_spec(sources_of(self.pool))
 
     def localize_config(self) -> LocalizeConfig:
         return LocalizeConfig(model=self.model, task_model=self.task_model, domain=self.domain,
@@ -187,8 +192,9 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     heads = loc["heads"]
     mined = run_stage("mine", lambda d: mine_pool(cfg.mine_config(heads, proxy["task_model"]), d, progress))
     subset = mined["outputs"]["selected.jsonl"]
+    per_source = [v for k, v in mined["outputs"].items() if k.startswith("selected/")]  # several sources' schemas
     trained = run_stage("train", lambda d: train_model(
-        TrainRunConfig(data=subset, model=cfg.model, heads=heads, scope=cfg.scope, kv_scope=cfg.kv_scope,
+        TrainRunConfig(data=per_source or subset, model=cfg.model, heads=heads, scope=cfg.scope, kv_scope=cfg.kv_scope,
                        train_o=cfg.train_o, lora_rank=cfg.lora_rank, fields=cfg.fields, template=cfg.template,
                        train=cfg.train), d, progress))
     reference = run_stage("reference", lambda d: reference_cost(ReferenceRunConfig(

@@ -28,7 +28,7 @@ DEFAULT_EPOCHS = 2
 
 @dataclass
 class TrainRunConfig:
-    data: str
+    data: str | list[str]  # several sources train as one set
     model: str = DEFAULT_MODEL
     heads: str | None = None
     scope: str = "heads"
@@ -39,6 +39,11 @@ class TrainRunConfig:
     fields: str | None = None
     template: str = "auto"  # p2d.tokens.TEMPLATES; the merged model is served with the one it was trained in
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        from p2d.data import pool_spec, sources_of
+
+        self.data = pool_spec(sources_of(self.data))
 
     def validate(self) -> None:
         from p2d.tokens import check_template

@@ -376,15 +376,16 @@ def test_config_file_reproduces_the_command_line(tmp_path, monkeypatch):
     monkeypatch.setattr(run_module, "run_pipeline", lambda cfg, out, *a, **k: seen.append((cfg, out)))
     flags = ["--domain", "math", "--data-frac", "0.2", "--head-frac", "0.05", "--quality", "nll", "--epochs", "3",
              "--lr", "0.002", "--scope", "alps", "--kv-scope", "none", "--diversity", "facility", "--head-report",
-             "--out", str(tmp_path / "a")]
+             "--data", "a.jsonl", "--data", "b.json", "--out", str(tmp_path / "a")]
     p2d("run", *flags)
     (tmp_path / "run.yaml").write_text(
         "domain: math\ndata-frac: 0.2\nhead_frac: 0.05\nquality: nll\nepochs: 3\nlr: 0.002\nscope: alps\n"
-        f"kv-scope: none\ndiversity: facility\nhead-report: true\nout: {tmp_path / 'a'}\n")
+        f"kv-scope: none\ndiversity: facility\nhead-report: true\ndata: [a.jsonl, b.json]\nout: {tmp_path / 'a'}\n")
     p2d("run", "--config", tmp_path / "run.yaml")
     assert dataclasses.asdict(seen[0][0]) == dataclasses.asdict(seen[1][0]) and seen[0][1] == seen[1][1]
-    p2d("run", "--config", tmp_path / "run.yaml", "--data-frac", "0.3")
-    assert seen[2][0].data_frac == 0.3 and seen[2][0].scope == "alps"
+    assert seen[0][0].pool == ["a.jsonl", "b.json"]
+    p2d("run", "--config", tmp_path / "run.yaml", "--data-frac", "0.3", "--data", "c.csv")
+    assert seen[2][0].data_frac == 0.3 and seen[2][0].scope == "alps" and seen[2][0].pool == "c.csv"
     (tmp_path / "bad.yaml").write_text("data-frac: 0.2\nnot-an-option: 1\n")
     r = p2d("run", "--config", tmp_path / "bad.yaml", ok=False)
     assert r.exit_code == 2 and "not-an-option" in r.output and "bad.yaml" in r.output

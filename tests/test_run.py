@@ -190,3 +190,35 @@ def test_a_pool_with_its_own_field_names_runs_every_stage(tiny_model, small_pool
     assert info["p2d_selected"]["columns"] == {"prompt": "ask", "response": "reply"}  # LLaMA-Factory reads it as is
     trained = json.loads((tmp_path / "r" / "train" / "train.json").read_text())
     assert trained["samples"] == len(selected) == report["subset"]["selected"]
+
+
+def test_a_pool_of_two_sources_in_their_own_schemas_runs_every_stage(tiny_model, small_pool, tmp_path):
+    """--data a --data b: one pool, each source read in its own schema; rows keep their source in
+    scores.csv, and each source's selected rows are exported (and trained on) in its own schema."""
+    import csv
+
+    rows = [json.loads(line) for line in small_pool.read_text().splitlines()]
+    alpaca, qa = tmp_path / "alpaca.jsonl", tmp_path / "qa.json"
+    alpaca.write_text("".join(json.dumps(r) + "\n" for r in rows[0::2]))
+    qa.write_text(json.dumps([{"question": r["instruction"], "answer": r["output"]} for r in rows[1::2]]))  # no ids
+    report = run_pipeline(config(tiny_model, small_pool, pool=[str(alpaca), str(qa)], data_frac=0.5),
+                          tmp_path / "r", progress=False)
+    mined = Path(report["subset"]["path"]).parent
+    with open(mined / "scores.csv", encoding="utf-8") as f:
+        scores = list(csv.DictReader(f))
+    assert [r["source"] for r in scores] == ["alpaca"] * 24 + ["qa"] * 24
+    assert [r["id"] for r in scores[24:]] == [f"qa/{i}" for i in range(24)]  # id-less rows kept apart by source
+    chosen = {name: sum(r["selected"] == "1" for r in scores if r["source"] == name) for name in ("alpaca", "qa")}
+    assert all(chosen.values())
+    for name, keys in (("alpaca", set(rows[0])), ("qa", {"question", "answer"})):
+        part = [json.loads(line) for line in (mined / "selected" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(part) == chosen[name] and all(set(r) == keys for r in part)
+    info = json.loads((mined / "dataset_info.json").read_text())
+    assert info["p2d_selected_qa"] == {"file_name": "selected/qa.jsonl",
+                                       "columns": {"prompt": "question", "response": "answer"}}
+    assert info["p2d_selected_alpaca"]["file_name"] == "selected/alpaca.jsonl"
+    trl = [json.loads(line) for line in (mined / "trl.jsonl").read_text().splitlines()]
+    assert len(trl) == sum(chosen.values()) and all(set(r) == {"prompt", "completion"} for r in trl)
+    trained = json.loads((tmp_path / "r" / "train" / "train.json").read_text())
+    assert trained["samples"] == sum(chosen.values())
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["pool"] == [str(alpaca), str(qa)]
