@@ -33,8 +33,7 @@ from pools import default_data_root, domain_pool  # noqa: E402
 from p2d.data import load_records  # noqa: E402
 from p2d.io import write_jsonl  # noqa: E402
 from p2d.pipelines.run import RunConfig, run_pipeline  # noqa: E402
-from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_LR  # noqa: E402
-from p2d.trainer import TrainConfig  # noqa: E402
+from p2d.pipelines.train import DEFAULT_EPOCHS  # noqa: E402
 
 PROXY_DATA = {"code": "code/code_alpaca_2k.json", "math": "math/gsm8k_train.jsonl"}
 CONFIGS = {
@@ -70,9 +69,8 @@ def run_config(name: str, out: Path, data_root: Path, fresh: bool, eval_limit: i
         write_jsonl(data / "target.jsonl", target)
         opts |= dict(pool=str(data / "pool.jsonl"), target=str(data / "target.jsonl"),
                      proxy_data=str(data_root / PROXY_DATA[opts["domain"]]))
-    train = TrainConfig(lr=DEFAULT_LR["heads"], epochs=epochs, max_length=256)
-    cfg = RunConfig(**{"diversity": "none", **opts}, template="alpaca", train=train, evaluate=eval_limit > 0,
-                    eval_limit=eval_limit)
+    cfg = RunConfig.from_options(**{"diversity": "none", **opts}, template="alpaca", epochs=epochs,
+                                 evaluate=eval_limit > 0, eval_limit=eval_limit)
     t0 = time.perf_counter()
     report = run_pipeline(cfg, run_dir, progress=False)
     wall = time.perf_counter() - t0

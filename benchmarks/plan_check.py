@@ -18,7 +18,8 @@ from _report import emit, table  # noqa: E402
 
 from p2d.io import read_json  # noqa: E402
 from p2d.pipelines.plan import scan_pool  # noqa: E402
-from p2d.plan import PlanConfig, calibrate, make_plan  # noqa: E402
+from p2d.pipelines.run import RunConfig  # noqa: E402
+from p2d.plan import calibrate, make_plan  # noqa: E402
 
 STAGES = ("proxy", "mine", "train", "reference")
 
@@ -34,19 +35,14 @@ def main() -> None:
     for run in args.runs:
         config = read_json(run / "run.json")["config"]
         aer = read_json(run / "aer.json")
-        tr, proxy = config["train"], config["proxy"]
-        cfg = PlanConfig(data_frac=config["data_frac"], head_frac=config["head_frac"], scope=config["scope"],
-                         kv_scope=config.get("kv_scope", "shared"), epochs=tr["epochs"],
-                         train_batch_size=tr["batch_size"] * tr["grad_accum"], train_max_length=tr["max_length"],
-                         mine_max_length=config["mine_max_length"], proxy_samples=proxy["samples"],
-                         proxy_steps=proxy["steps"], proxy_batch_size=proxy["batch_size"],
-                         proxy_max_length=proxy["max_length"], seed=config["seed"])
-        model_cfg, lengths, proxy_lengths = scan_pool(config["model"], config["pool"], proxy_data=config["proxy_data"],
-                                                      template=config.get("template", "alpaca"))  # runs before it had the option read Alpaca
-        plan = make_plan(model_cfg, lengths, cfg, proxy_lengths)
+        cfg = RunConfig.from_json(config)
+        tr = cfg.train.train
+        model_cfg, lengths, proxy_lengths = scan_pool(cfg.model, cfg.pool, cfg.fields, cfg.localize.proxy_data,
+                                                      cfg.template)
+        plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths)
         measured = {s: aer["stages"][s]["seconds"] for s in STAGES if s != "reference"}
         measured["reference"] = aer["reference"]["seconds"]
-        row = {"run": run.name, "epochs": tr["epochs"]}
+        row = {"run": run.name, "epochs": tr.epochs}
         for s in STAGES:
             row[s] = f"{plan['stages'][s]['seconds']:.0f} / {measured[s]:.0f} = {plan['stages'][s]['seconds'] / measured[s]:.2f}"
         rows.append(row)

@@ -236,15 +236,20 @@ def train_options(f):
     return f
 
 
-def train_config(kw: dict):
+def launcher_rank(kw: dict) -> None:
+    """The deepspeed launcher passes --local_rank; the trainer reads the environment."""
     import os
 
+    local_rank = kw.pop("local_rank")
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+
+
+def train_config(kw: dict):
+    from p2d.pipelines.train import DEFAULT_LR
     from p2d.trainer import TrainConfig
 
-    local_rank = kw.pop("local_rank")
-    if local_rank is not None:  # the deepspeed launcher passes --local_rank; the trainer reads the env
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    from p2d.pipelines.train import DEFAULT_LR
+    launcher_rank(kw)
 
     lr = kw.pop("lr")
     return TrainConfig(lr=DEFAULT_LR.get(kw["scope"], DEFAULT_LR["full"]) if lr is None else lr, weight_decay=kw.pop("weight_decay"), batch_size=kw.pop("batch_size"),
@@ -332,13 +337,9 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
     """Run proxy -> localize -> mine -> train -> report; reuse finished stages, resume interrupted ones."""
     from p2d.io import locked_dir
     from p2d.pipelines.run import RunConfig, run_pipeline
-    from p2d.proxy import ProxyConfig
-    from p2d.reference import ReferenceConfig
 
-    tcfg = train_config(kw)
-    proxy = ProxyConfig(samples=kw.pop("proxy_samples"), steps=kw.pop("proxy_steps"), seed=kw["seed"])
-    reference = ReferenceConfig(steps=kw.pop("reference_steps"), seed=kw["seed"])
-    cfg = RunConfig(train=tcfg, proxy=proxy, reference=reference, **kw)
+    launcher_rank(kw)
+    cfg = RunConfig.from_options(**kw)
     cfg.validate()
     out = out or f"runs/{kw['domain']}"
     with locked_dir(out):

@@ -6,19 +6,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from p2d import P2DError
+from p2d.models import DEFAULT_MODEL
+from p2d.pipelines.mine import DEFAULT_POOL
 from p2d.reference import ReferenceConfig
 from p2d.trainer import TrainConfig
 
 
 @dataclass
 class ReferenceRunConfig:
-    pool: str | list[str]
-    model: str
-    train: TrainConfig
+    pool: str | list[str] = DEFAULT_POOL
+    model: str = DEFAULT_MODEL
+    train: TrainConfig = field(default_factory=TrainConfig)  # the same loop as p2d's training, on all weights
     estimate: ReferenceConfig = field(default_factory=ReferenceConfig)
     measure: bool = False  # train the whole epoch(s) for real instead of estimating
     template: str = "auto"  # as p2d's training: the reference trains the same tokens
     fields: str | None = None
+
+    def validate(self) -> None:
+        if self.estimate.steps <= 0:
+            raise P2DError(f"--reference-steps must be positive, got {self.estimate.steps}")
 
 
 def reference_cost(cfg: ReferenceRunConfig, out: Path, progress: bool = True) -> dict:

@@ -8,8 +8,9 @@ and everything after it. Changing a stage's options re-runs that stage and the o
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+from typing import get_origin, get_type_hints
 
 from rich.console import Console
 
@@ -34,75 +35,110 @@ console = Console(stderr=True)
 STAGE_ORDER = ("proxy", "localize", "mine", "train", "reference")
 
 
+# `p2d run`'s options that are not a stage config's field name: option -> (stage config, field)
+RENAMED = {"mine_max_length": ("mine", "max_length"), "mining_window": ("mine", "window"),
+           "head_method": ("localize", "method"), "proxy_samples": ("proxy", "samples"),
+           "proxy_steps": ("proxy", "steps"), "reference_steps": ("estimate", "steps"),
+           "measure_reference": ("reference", "measure")}
+
+
 @dataclass
 class RunConfig:
+    """What every stage shares, and each stage's own config as its module defines it (peft-style).
+
+    A stage runs with its config, the shared fields and the upstream outputs filled in
+    (`*_config()`), and its cache key is that config plus digests of its inputs: an option added to
+    a stage config is part of the key without being named here.
+    """
+
     domain: str = "code"
     model: str = DEFAULT_MODEL
-    task_model: str | None = None
     pool: str | list[str] = DEFAULT_POOL  # several sources are mined as one pool
     fields: str | None = None  # the pool's field map (mining, training and the reference read it the same way)
-    target: str | None = None
-    proxy_data: str | None = None
-    data_frac: float = 0.1
-    head_frac: float = 0.1
-    metric: str = "w1"
-    head_method: str = "top"
-    mining_heads: str = "alps"
-    mining_max_layer: int | None = None
-    head_report: bool = False
-    quality: str = MineConfig.quality
-    selector: str = "p2d"
-    diversity: str = MineConfig.diversity
-    quality_weight: float | None = None
-    pooling: str = MineConfig.pooling
-    dedup: float | None = None
-    scope: str = "heads"
-    kv_scope: str = "shared"
-    train_o: bool = False
-    lora_rank: int = TrainRunConfig.lora_rank
-    mine_max_length: int = MineConfig.max_length
-    mining_window: int | None = None
     template: str = "auto"  # p2d.tokens.TEMPLATES, for every stage: proxy, mining, training and reference
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=DEFAULT_LR["heads"], epochs=DEFAULT_EPOCHS,
-                                                                   max_length=256))
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    measure_reference: bool = False
+    seed: int = 0
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
+    train: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(
+        data="", train=TrainConfig(lr=DEFAULT_LR["heads"], epochs=DEFAULT_EPOCHS, max_length=256)))
+    reference: ReferenceRunConfig = field(default_factory=ReferenceRunConfig)
     evaluate: bool = False
     eval_limit: int | None = 20
-    seed: int = 0
 
     def __post_init__(self) -> None:
         from p2d.data import pool_spec, sources_of
 
         self.pool = pool_spec(sources_of(self.pool))
 
-    def localize_config(self) -> LocalizeConfig:
-        return LocalizeConfig(model=self.model, task_model=self.task_model, domain=self.domain,
-                              proxy_data=self.proxy_data, proxy=replace(self.proxy, template=self.template),
-                              head_frac=self.head_frac,
-                              metric=self.metric, method=self.head_method, seed=self.seed)
+    @classmethod
+    def from_options(cls, **options) -> "RunConfig":
+        """A RunConfig from flat option names (the CLI's, a config file's): each goes to the config that
+        owns a field of that name (see `types`), or where RENAMED says; unknown names are an error.
+        lr None (or absent) is the scope's default."""
+        shared = {f.name for f in fields(cls)} - {"localize", "mine", "train", "reference"}
+        # a name several configs own goes to the first here: batch_size, max_length and lr are training's
+        types = {"loop": TrainConfig, "train": TrainRunConfig, "localize": LocalizeConfig, "mine": MineConfig,
+                 "proxy": ProxyConfig, "reference": ReferenceRunConfig, "estimate": ReferenceConfig}
+        parts: dict[str, dict] = {k: {} for k in types}
+        top = {}
+        for name, value in options.items():
+            if name in shared:
+                top[name] = value
+            elif name in RENAMED:
+                part, key = RENAMED[name]
+                parts[part][key] = value
+            else:
+                part = next((p for p, t in types.items() if name in {f.name for f in fields(t)}), None)
+                if part is None:
+                    raise P2DError(f"p2d run has no option {name!r}")
+                parts[part][name] = value
+        if parts["loop"].get("lr") is None:
+            parts["loop"]["lr"] = DEFAULT_LR.get(parts["train"].get("scope", "heads"), DEFAULT_LR["full"])
+        loop = TrainConfig(**({"epochs": DEFAULT_EPOCHS, "max_length": 256} | parts["loop"]))
+        return cls(**top,
+                   localize=LocalizeConfig(**parts["localize"], proxy=ProxyConfig(**parts["proxy"])),
+                   mine=MineConfig(**parts["mine"]), train=TrainRunConfig(data="", **parts["train"], train=loop),
+                   reference=ReferenceRunConfig(**parts["reference"], estimate=ReferenceConfig(**parts["estimate"])))
 
-    def mine_config(self, heads: str, task_model: str | None = None) -> MineConfig:
-        return MineConfig(heads=heads, data=self.pool, model=self.model, target=self.target, domain=self.domain,
-                          task_model=task_model,
-                          data_frac=self.data_frac, mining_heads=self.mining_heads,
-                          mining_max_layer=self.mining_max_layer, head_report=self.head_report, quality=self.quality,
-                          diversity=self.diversity, quality_weight=self.quality_weight, pooling=self.pooling,
-                          dedup=self.dedup, fields=self.fields,
-                          selector=self.selector, max_length=self.mine_max_length, window=self.mining_window,
-                          template=self.template,
-                          seed=self.seed)
+    @classmethod
+    def from_json(cls, data: dict) -> "RunConfig":
+        """The RunConfig a run.json records (its `asdict` read back), to plan or rerun it."""
+        def build(kind, value):
+            if get_origin(kind) is tuple and isinstance(value, list):  # JSON has no tuples
+                return tuple(value)
+            if not (is_dataclass(kind) and isinstance(value, dict)):
+                return value
+            hints = get_type_hints(kind)
+            return kind(**{f.name: build(hints[f.name], value[f.name]) for f in fields(kind) if f.name in value})
+
+        return build(cls, data)
+
+    def localize_config(self) -> LocalizeConfig:
+        loc = self.localize
+        return replace(loc, model=self.model, domain=self.domain, seed=self.seed,
+                       proxy=replace(loc.proxy, template=self.template, seed=self.seed))
+
+    def mine_config(self, heads: str | None, task_model: str | None = None) -> MineConfig:
+        return replace(self.mine, heads=heads, task_model=task_model, data=self.pool, model=self.model,
+                       domain=self.domain, fields=self.fields, template=self.template, seed=self.seed)
+
+    def train_config(self, data: str | list[str], heads: str | None) -> TrainRunConfig:
+        return replace(self.train, data=data, heads=heads, model=self.model, fields=self.fields,
+                       template=self.template, train=replace(self.train.train, seed=self.seed))
+
+    def reference_config(self) -> ReferenceRunConfig:
+        return replace(self.reference, pool=self.pool, model=self.model, train=self.train_config("", None).train,
+                       fields=self.fields, template=self.template,
+                       estimate=replace(self.reference.estimate, seed=self.seed))
 
     def plan_config(self) -> PlanConfig:
-        return PlanConfig(data_frac=self.data_frac, head_frac=self.head_frac, scope=self.scope, kv_scope=self.kv_scope,
-                          epochs=self.train.epochs if self.train.max_steps is None else 1,
-                          train_batch_size=self.train.batch_size * self.train.grad_accum,
-                          train_max_length=self.train.max_length, mine_max_length=self.mine_max_length,
-                          mine_window=self.mining_window,
-                          proxy_samples=self.proxy.samples, proxy_steps=0 if self.task_model else self.proxy.steps,
-                          proxy_batch_size=self.proxy.batch_size, proxy_max_length=self.proxy.max_length,
-                          seed=self.seed)
+        t, proxy, mine = self.train.train, self.localize.proxy, self.mine
+        return PlanConfig(data_frac=mine.data_frac, head_frac=self.localize.head_frac, scope=self.train.scope,
+                          kv_scope=self.train.kv_scope, epochs=t.epochs if t.max_steps is None else 1,
+                          train_batch_size=t.batch_size * t.grad_accum, train_max_length=t.max_length,
+                          mine_max_length=mine.max_length, mine_window=mine.window,
+                          proxy_samples=proxy.samples, proxy_steps=0 if self.localize.task_model else proxy.steps,
+                          proxy_batch_size=proxy.batch_size, proxy_max_length=proxy.max_length, seed=self.seed)
 
     def validate(self) -> None:
         """Every option checked before the first stage starts, so a typo never costs a proxy run."""
@@ -112,41 +148,38 @@ class RunConfig:
 
         load_card(self.domain)
         self.localize_config().validate()
-        check_train_options(self.scope, self.train, self.kv_scope)
-        if self.reference.steps <= 0:
-            raise P2DError(f"--reference-steps must be positive, got {self.reference.steps}")
-        if self.mine_max_length <= 0:
-            raise P2DError(f"--mine-max-length must be positive, got {self.mine_max_length}")
+        self.mine_config(None).validate_options()
+        check_train_options(self.train.scope, self.train.train, self.train.kv_scope)
+        self.reference_config().validate()
         if self.eval_limit is not None and self.eval_limit < 0:
             raise P2DError(f"--eval-limit must be 0 or more, got {self.eval_limit}")
-        self.mine_config("").validate_options()
         check_template(self.template, self.model)
 
 
+PROXY_KEY = ("model", "task_model", "domain", "proxy_data", "proxy")  # the proxy stage's part of LocalizeConfig
+
+
 def _stage_options(cfg: RunConfig) -> dict[str, dict]:
-    """Each stage's cache key: its options plus digests of what its inputs resolve to here (content, not names)."""
+    """Each stage's cache key: its whole config (upstream outputs left out: the chained key covers them)
+    plus digests of what its inputs resolve to here (content, not names)."""
     from p2d.io import input_digest
     from p2d.models import model_digest
     from p2d.pipelines.mine import target_source
 
-    d = asdict(cfg)
-    d["inputs"] = {"model": model_digest(cfg.model), "task_model": cfg.task_model and model_digest(cfg.task_model),
-                   "proxy_data": None if cfg.task_model else input_digest(proxy_source(cfg.localize_config())),
-                   "pool": input_digest(cfg.pool),
-                   "target": input_digest(target_source(cfg.mine_config(""))) if (cfg.target or cfg.domain) else None}
-    inputs = d["inputs"]
+    loc = asdict(cfg.localize_config())
+    task_model = cfg.localize.task_model
+    mine = cfg.mine_config(None)
     return {
-        "proxy": {k: d[k] for k in ("domain", "model", "task_model", "proxy_data", "proxy", "template")}
-        | {"inputs": {k: inputs[k] for k in ("model", "task_model", "proxy_data")}},
-        "localize": {k: d[k] for k in ("head_frac", "metric", "head_method", "seed")},
-        "mine": {k: d[k] for k in ("pool", "fields", "target", "data_frac", "mining_heads", "mining_max_layer",
-                                   "head_report", "quality", "quality_weight", "selector", "diversity", "pooling",
-                                   "dedup", "mine_max_length", "mining_window", "template")}
-        | {"inputs": {k: inputs[k] for k in ("pool", "target")}},
-        "train": {k: d[k] for k in ("scope", "kv_scope", "train_o", "lora_rank", "fields", "train", "template")},
-        "reference": {k: d[k] for k in ("pool", "fields", "model", "train", "reference", "measure_reference",
-                                        "template")}
-        | {"inputs": {k: inputs[k] for k in ("pool", "model")}},
+        "proxy": {k: loc[k] for k in PROXY_KEY} | {"inputs": {
+            "model": model_digest(cfg.model), "task_model": task_model and model_digest(task_model),
+            "proxy_data": None if task_model else input_digest(proxy_source(cfg.localize_config()))}},
+        "localize": {k: v for k, v in loc.items() if k not in PROXY_KEY},
+        "mine": asdict(mine) | {"inputs": {
+            "pool": input_digest(cfg.pool),
+            "target": input_digest(target_source(mine)) if (mine.target or mine.domain) else None}},
+        "train": asdict(cfg.train_config("", None)),
+        "reference": asdict(cfg.reference_config()) | {"inputs": {"pool": input_digest(cfg.pool),
+                                                                  "model": model_digest(cfg.model)}},
     }
 
 
@@ -159,7 +192,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     run_dir = Path(run_dir).resolve()  # stage summaries hold absolute paths: a rerun from elsewhere finds them
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "run.json", {"config": asdict(cfg)})
-    proxy_data = None if cfg.task_model else proxy_source(cfg.localize_config())
+    proxy_data = None if cfg.localize.task_model else proxy_source(cfg.localize_config())
     model_cfg, lengths, proxy_lengths = scan_pool(cfg.model, cfg.pool, cfg.fields, proxy_data, cfg.template)
     plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths)
     write_json(run_dir / "plan.json", plan)
@@ -193,14 +226,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     mined = run_stage("mine", lambda d: mine_pool(cfg.mine_config(heads, proxy["task_model"]), d, progress))
     subset = mined["outputs"]["selected.jsonl"]
     per_source = [v for k, v in mined["outputs"].items() if k.startswith("selected/")]  # several sources' schemas
-    trained = run_stage("train", lambda d: train_model(
-        TrainRunConfig(data=per_source or subset, model=cfg.model, heads=heads, scope=cfg.scope, kv_scope=cfg.kv_scope,
-                       train_o=cfg.train_o, lora_rank=cfg.lora_rank, fields=cfg.fields, template=cfg.template,
-                       train=cfg.train), d, progress))
-    reference = run_stage("reference", lambda d: reference_cost(ReferenceRunConfig(
-        pool=cfg.pool, model=cfg.model, train=cfg.train, estimate=cfg.reference, measure=cfg.measure_reference,
-        fields=cfg.fields, template=cfg.template), d,
-        progress), timed=False)
+    trained = run_stage("train", lambda d: train_model(cfg.train_config(per_source or subset, heads), d, progress))
+    reference = run_stage("reference", lambda d: reference_cost(cfg.reference_config(), d, progress), timed=False)
 
     report = aer_report(ledger, reference)
     _count_flops(report, plan, model_cfg, lengths, cfg, mined, read_heads_json(heads).heads, proxy_lengths)
@@ -265,7 +292,7 @@ def _report_md(cfg: RunConfig, report: dict, run_dir: Path) -> str:
         "",
         f"- heads: {report['heads']['selected']} selected (`{report['heads']['path']}`)",
         f"- subset: {report['subset']['selected']} of {report['subset']['pool']} samples (`{report['subset']['path']}`)",
-        f"- trainable parameters: {report['trainable_params']:,} (scope `{cfg.scope}`)",
+        f"- trainable parameters: {report['trainable_params']:,} (scope `{cfg.train.scope}`)",
         f"- prompt template: `{report['template']}` (the merged model's tokenizer renders it as its chat template)",
         "",
         "## Cost (AER)",

@@ -385,7 +385,7 @@ def test_config_file_reproduces_the_command_line(tmp_path, monkeypatch):
     assert dataclasses.asdict(seen[0][0]) == dataclasses.asdict(seen[1][0]) and seen[0][1] == seen[1][1]
     assert seen[0][0].pool == ["a.jsonl", "b.json"]
     p2d("run", "--config", tmp_path / "run.yaml", "--data-frac", "0.3", "--data", "c.csv")
-    assert seen[2][0].data_frac == 0.3 and seen[2][0].scope == "alps" and seen[2][0].pool == "c.csv"
+    assert seen[2][0].mine.data_frac == 0.3 and seen[2][0].train.scope == "alps" and seen[2][0].pool == "c.csv"
     (tmp_path / "bad.yaml").write_text("data-frac: 0.2\nnot-an-option: 1\n")
     r = p2d("run", "--config", tmp_path / "bad.yaml", ok=False)
     assert r.exit_code == 2 and "not-an-option" in r.output and "bad.yaml" in r.output

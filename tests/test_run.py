@@ -9,18 +9,14 @@ import pytest
 
 from p2d import P2DError
 from p2d.pipelines.run import RunConfig, run_pipeline
-from p2d.proxy import ProxyConfig
-from p2d.reference import ReferenceConfig
-from p2d.trainer import TrainConfig
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "humaneval.jsonl.gz"
 
 
 def config(tiny_model, data, **kw) -> RunConfig:
     base = dict(model=str(tiny_model), pool=str(data), proxy_data=str(data), data_frac=0.25, head_frac=0.1,
-                proxy=ProxyConfig(samples=8, steps=2), reference=ReferenceConfig(steps=2),
-                train=TrainConfig(lr=1e-2, max_steps=4, max_length=128, save_every=1))
-    return RunConfig(**(base | kw))
+                proxy_samples=8, proxy_steps=2, reference_steps=2, lr=1e-2, max_steps=4, max_length=128, save_every=1)
+    return RunConfig.from_options(**(base | kw))
 
 
 def stage_state(run, name):
@@ -149,6 +145,33 @@ def test_bad_pool_fails_at_mine_and_keeps_earlier_stages(finished, tiny_model, s
     assert (run / "localize" / "heads.json").read_bytes() == heads
 
 
+@pytest.mark.parametrize("stage, change", [("mine", {"mine": {"index": "flat"}}), ("mine", {"mine": {"batch_size": 3}}),
+                                           ("localize", {"localize": {"tau": 2.0}}),
+                                           ("localize", {"localize": {"variant": "qkv-concat"}}),
+                                           ("proxy", {"localize": {"proxy": {"lr": 1e-3}}}),
+                                           ("train", {"train": {"kv_scope": "none"}}),
+                                           ("train reference", {"train": {"train": {"warmup_ratio": 0.2}}}),
+                                           ("reference", {"reference": {"measure": True}})])
+def test_every_field_of_a_stage_config_is_in_its_cache_key(tiny_model, small_pool, stage, change):
+    """Options that run.py never names (most here: ones `p2d run` has no flag for) still change their
+    stage's key; the training loop's change the reference's too, which trains with the same loop."""
+    from dataclasses import replace
+
+    from p2d.pipelines.run import _stage_options
+
+    def apply(obj, diff):
+        return replace(obj, **{k: apply(getattr(obj, k), v) if isinstance(v, dict) else v for k, v in diff.items()})
+
+    cfg = config(tiny_model, small_pool)
+    before, after = _stage_options(cfg), _stage_options(apply(cfg, change))
+    assert [s for s in before if before[s] != after[s]] == stage.split()
+
+
+def test_run_rejects_an_unknown_option(tiny_model, small_pool):
+    with pytest.raises(P2DError, match="no option 'data_fraction'"):
+        config(tiny_model, small_pool, data_fraction=0.1)
+
+
 @pytest.mark.parametrize("kw, match", [({"data_frac": 0.0}, "data-frac"), ({"head_frac": 2.0}, "head-frac"),
                                        ({"domain": "poetry"}, "poetry"), ({"scope": "everything"}, "scope"),
                                        ({"pooling": "median"}, "--pooling"), ({"dedup": 1.5}, "--dedup"),
@@ -222,3 +245,11 @@ def test_a_pool_of_two_sources_in_their_own_schemas_runs_every_stage(tiny_model,
     trained = json.loads((tmp_path / "r" / "train" / "train.json").read_text())
     assert trained["samples"] == sum(chosen.values())
     assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["pool"] == [str(alpaca), str(qa)]
+
+
+def test_run_json_reads_back_as_the_config_that_ran(finished, tiny_model, small_pool):
+    from dataclasses import asdict
+
+    run, _ = finished
+    recorded = json.loads((run / "run.json").read_text())["config"]
+    assert asdict(RunConfig.from_json(recorded)) == asdict(config(tiny_model, small_pool))
