@@ -10,8 +10,20 @@ import click
 from rich.console import Console
 
 from p2d import P2DError, __version__
+from p2d.alps import METRICS, VARIANTS
+from p2d.cards import available_domains
+from p2d.features import POOLINGS
+from p2d.masking import KV_SCOPES
+from p2d.mining import DIVERSITIES, HEAD_SETS, INDEXES, QUALITIES, SELECTORS
+from p2d.pipelines.run import SCOPES as RUN_SCOPES
+from p2d.pipelines.run import STAGE_ORDER
+from p2d.pipelines.train import SCOPES as TRAIN_SCOPES
+from p2d.plan import PEAK_BF16_TFLOPS
+from p2d.selection import METHODS
+from p2d.tokens import TEMPLATES
 
 console = Console(stderr=True)
+DOMAINS = tuple(available_domains())  # the data cards; every choice list below is its module's constant
 
 
 def user_errors(fn):
@@ -70,8 +82,6 @@ def main() -> None:
 
 
 def template_option(f):
-    from p2d.tokens import TEMPLATES
-
     return click.option("--template", type=click.Choice(TEMPLATES), default="auto",
                         help="Prompt format: auto (the tokenizer's chat template if it has one, else alpaca), chat "
                              "(every assistant turn trained), alpaca (the ALPS paper's), plain.")(f)
@@ -95,15 +105,15 @@ def model_option(f):
 def proxy_options(f):
     for opt in reversed([
         click.option("--task-model", default=None, help="A ready fine-tuned model of the same architecture."),
-        click.option("--domain", type=click.Choice(["code", "math", "general"]), default=None,
+        click.option("--domain", type=click.Choice(DOMAINS), default=None,
                      help="Domain whose data card gives the proxy data."),
         click.option("--proxy-data", default=None, help="Data file (or hub id) for the proxy fine-tune."),
         click.option("--proxy-samples", default=64, help="Samples in the proxy fine-tune."),
         click.option("--proxy-steps", default=16, help="Optimizer steps of the proxy fine-tune."),
         click.option("--head-frac", default=0.1, type=float, help="Fraction r of heads kept: top ceil(r*n)."),
-        click.option("--metric", type=click.Choice(["w1", "kl", "cosine", "euclidean"]), default="w1"),
-        click.option("--variant", type=click.Choice(["alps", "qkv-concat"]), default="alps"),
-        click.option("--head-method", type=click.Choice(["top", "lc", "random"]), default="top",
+        click.option("--metric", type=click.Choice(METRICS), default="w1"),
+        click.option("--variant", type=click.Choice(VARIANTS), default="alps"),
+        click.option("--head-method", type=click.Choice(METHODS), default="top",
                      help="top: global top-k (ALPS); lc: same count per layer; random: baseline."),
     ]):
         f = opt(f)
@@ -147,31 +157,30 @@ def mine_options(f):
     for opt in reversed([
         click.option("--data-frac", default=0.1, type=float, help="Fraction f of the pool kept: top ceil(f*N)."),
         click.option("--target", default=None, help="Target samples that define the domain (default: the card's seed set)."),
-        click.option("--mining-heads", type=click.Choice(["alps", "random", "discriminative"]), default="alps",
+        click.option("--mining-heads", type=click.Choice(HEAD_SETS), default="alps",
                      help="Heads whose outputs mine: ALPS (heads.json), random, or those that best separate target from pool."),
         click.option("--mining-max-layer", type=int, default=None,
                      help="Random/discriminative heads only from layers 0..N: extraction stops after layer N."),
         click.option("--head-report", is_flag=True,
                      help="Also measure how well each head set (alps, random, discriminative) separates target from "
                           "pool: one extra all-heads pass over the target and 256 pool rows."),
-        click.option("--quality", type=click.Choice(["none", "nll", "ifd", "ifd-rank", "reducible"]), default="ifd-rank",
+        click.option("--quality", type=click.Choice(QUALITIES), default="ifd-rank",
                      help="Quality signal folded into p2d's rank: ifd-rank (IFD within an affinity shortlist), nll "
                           "(base response loss), ifd (drop IFD >= 1), reducible (base minus proxy task-model loss on "
                           "the shortlist; needs the task model), or none."),
-        click.option("--diversity", type=click.Choice(["auto", "none", "facility", "facility-quality"]),
+        click.option("--diversity", type=click.Choice(DIVERSITIES),
                      default="auto",
                      help="auto: facility-quality for the p2d and embedding selectors with ifd-rank or reducible "
                           "quality, none otherwise (baselines select as published). facility: pick the subset that best covers (facility location over the selector's "
                           "features) the top 2x candidates by score, instead of their top 1x; facility-quality: "
                           "the same, never taking a candidate in the shortlist's worst third by the quality signal."),
-        click.option("--pooling", type=click.Choice(["mean", "last", "mean-all", "max", "weighted"]), default="mean",
+        click.option("--pooling", type=click.Choice(POOLINGS), default="mean",
                      help="How head features are pooled over a sample (rds always uses weighted)."),
         click.option("--quality-weight", default=None, type=float,
                      help="Weight of the quality rank against affinity (default: 0.5 for nll, 1.0 for ifd-rank and "
                           "reducible)."),
         click.option("--dedup", default=None, type=float, help="Drop samples whose cosine to a kept one is >= this."),
-        click.option("--selector", type=click.Choice(["p2d", "p2d-paper", "rds", "ifd", "random", "embedding-mid",
-                                                      "embedding-last"]), default="p2d",
+        click.option("--selector", type=click.Choice(SELECTORS), default="p2d",
                      help="p2d (head affinity + quality), or a baseline: p2d-paper (head affinity alone), rds "
                           "(RDS+), ifd (Superfiltering), random, embedding-mid/-last."),
     ]):
@@ -183,11 +192,11 @@ def mine_options(f):
 @model_option
 @click.option("--heads", default=None, type=click.Path(dir_okay=False), help="heads.json from `p2d localize`.")
 @data_option("--data", default=["p2d:default"], help="The pool: a data file, a datasets dir, a hub id, or p2d:default.")
-@click.option("--domain", type=click.Choice(["code", "math", "general"]), default=None)
+@click.option("--domain", type=click.Choice(DOMAINS), default=None)
 @mine_options
 @click.option("--task-model", default=None,
               help="Proxy task model for --quality reducible (default: the task_model recorded in heads.json).")
-@click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto")
+@click.option("--index", type=click.Choice(INDEXES), default="auto")
 @click.option("--max-length", default=128, help="Tokens read per sample.")
 @click.option("--mining-window", "window", default=None, type=int,
               help="Read each sample's prompt and only its first N response tokens (default: as --max-length allows).")
@@ -258,19 +267,24 @@ def train_config(kw: dict):
                        save_every=kw.pop("save_every"), seed=kw.get("seed", 0))
 
 
-SCOPE_HELP = ("heads: only the selected heads' q rows and their KV groups' k/v rows; alps: those plus every "
-              "non-attention weight; random/lc: heads with a random / layer-uniform heads.json; full; "
-              "no-attn; lora (rank 128 on q/k/v); qkv (all attention q/k/v).")
+SCOPE_TEXT = {"heads": "only the selected heads' q rows and their KV groups' k/v rows",
+              "alps": "those plus every non-attention weight", "random": "heads, given a random heads.json",
+              "lc": "heads, given a layer-uniform heads.json", "full": "every weight",
+              "no-attn": "every weight outside attention", "lora": "LoRA on q/k/v (--lora-rank)",
+              "qkv": "all attention q/k/v"}
+
+
+def scope_help(scopes: tuple[str, ...]) -> str:
+    return "; ".join(f"{s}: {SCOPE_TEXT[s]}" for s in scopes) + "."
 
 
 @main.command()
 @model_option
 @click.option("--heads", default=None, type=click.Path(dir_okay=False), help="heads.json (head scopes).")
 @data_option("--data", required=True, help="Training data (e.g. a mined selected.jsonl).")
-@click.option("--scope", type=click.Choice(["heads", "alps", "random", "lc", "full", "no-attn", "lora", "qkv"]),
-              default="heads", help=SCOPE_HELP)
+@click.option("--scope", type=click.Choice(TRAIN_SCOPES), default="heads", help=scope_help(TRAIN_SCOPES))
 @click.option("--train-o", is_flag=True, help="Also train the selected heads' o_proj columns.")
-@click.option("--kv-scope", type=click.Choice(["shared", "none"]), default="shared",
+@click.option("--kv-scope", type=click.Choice(KV_SCOPES), default="shared",
               help="shared: also train the heads' KV groups (k/v rows other query heads read too); none: query "
                    "rows only, so 10%% of heads stays 10%% under heavy GQA.")
 @click.option("--lora-rank", default=128)
@@ -299,7 +313,7 @@ def train(out: str, **kw) -> None:
 
 
 @main.command()
-@click.option("--domain", type=click.Choice(["code", "math", "general"]), default="code")
+@click.option("--domain", type=click.Choice(DOMAINS), default="code")
 @model_option
 @click.option("--task-model", default=None, help="A ready fine-tuned model instead of the proxy run.")
 @data_option("--pool", "--data", "pool", default=["p2d:default"],
@@ -309,11 +323,10 @@ def train(out: str, **kw) -> None:
 @click.option("--proxy-samples", default=64)
 @click.option("--proxy-steps", default=16)
 @click.option("--head-frac", default=0.1, type=float, help="Fraction r of heads kept: top ceil(r*n).")
-@click.option("--head-method", type=click.Choice(["top", "lc", "random"]), default="top")
+@click.option("--head-method", type=click.Choice(METHODS), default="top")
 @mine_options
-@click.option("--scope", type=click.Choice(["heads", "alps", "full", "no-attn", "lora"]), default="heads",
-              help=SCOPE_HELP)
-@click.option("--kv-scope", type=click.Choice(["shared", "none"]), default="shared",
+@click.option("--scope", type=click.Choice(RUN_SCOPES), default="heads", help=scope_help(RUN_SCOPES))
+@click.option("--kv-scope", type=click.Choice(KV_SCOPES), default="shared",
               help="none: train only the heads' query rows, never a KV group shared with other heads.")
 @click.option("--train-o", is_flag=True, help="Also train the selected heads' o_proj columns.")
 @click.option("--lora-rank", default=128, help="Rank of --scope lora.")
@@ -327,7 +340,7 @@ def train(out: str, **kw) -> None:
               help="Steps of the real full-parameter plan timed for the reference estimate (stratified by size).")
 @click.option("--eval", "evaluate", is_flag=True, help="Evaluate base vs trained on the domain's eval set.")
 @click.option("--eval-limit", default=20, help="Task problems evaluated with --eval (CPU generation is slow).")
-@click.option("--from-stage", type=click.Choice(["proxy", "localize", "mine", "train", "reference"]), default=None,
+@click.option("--from-stage", type=click.Choice(STAGE_ORDER), default=None,
               help="Redo this stage and every later one.")
 @click.option("--seed", default=0)
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory (default: runs/DOMAIN).")
@@ -354,10 +367,10 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
 @template_option
 @click.option("--data-frac", default=0.1, type=float, help="Fraction of the pool kept.")
 @click.option("--head-frac", default=0.1, type=float, help="Fraction of heads trained.")
-@click.option("--scope", type=click.Choice(["heads", "alps", "full", "no-attn", "lora", "qkv"]), default="heads")
+@click.option("--scope", type=click.Choice(RUN_SCOPES), default="heads", help=scope_help(RUN_SCOPES))
 @click.option("--epochs", default=2, help="Epochs, for p2d's training and for the reference alike.")
 @click.option("--max-length", default=256, help="Training tokens per sample.")
-@click.option("--hardware", type=click.Choice(["calibrate", "h100", "h200", "a100", "l40s"]), default="calibrate",
+@click.option("--hardware", type=click.Choice(("calibrate", *PEAK_BF16_TFLOPS)), default="calibrate",
               help="calibrate: measure this machine once (cached); or a GPU's bf16 peak times --mfu.")
 @click.option("--mfu", default=0.4, type=float, help="Model FLOP utilisation assumed with a named GPU.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the plan as JSON here.")
@@ -374,7 +387,7 @@ def plan(model: str, data: tuple[str, ...], fields: str | None, template: str, o
 
 @main.command(name="eval")
 @click.argument("model")
-@click.option("--domain", type=click.Choice(["code", "math", "general"]), required=True)
+@click.option("--domain", type=click.Choice(DOMAINS), required=True)
 @click.option("--eval-data", default=None, help="Held-out set (default: the domain card's eval set).")
 @click.option("--limit", default=None, type=int, help="Task problems to generate for (pass@1 / exact match).")
 @click.option("--nll-limit", default=None, type=int, help="Samples for the held-out NLL.")

@@ -45,7 +45,6 @@ from dataclasses import dataclass, field, replace
 import faiss
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from p2d import P2DError
 from p2d.features import extract_features, nll_pass, response_only, start_token
@@ -60,6 +59,7 @@ QUALITY_WEIGHT = {"nll": 0.5, "ifd-rank": 1.0, "reducible": 1.0}
 SHORTLISTED = {"ifd-rank": -1.0, "reducible": 1.0}
 SHORTLIST = 3  # the second pass reads the top SHORTLIST x subset-size samples by affinity
 HEAD_SETS = ("alps", "random", "discriminative")
+INDEXES = ("auto", "flat", "ivf")  # auto: ivf above IVF_ABOVE pool rows
 IVF_ABOVE = 200_000
 MAX_PROTOTYPES = 16
 SEPARATION_SAMPLE = 256
@@ -235,8 +235,15 @@ def _rows(features: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.asarray(features[np.sort(idx)])[np.argsort(np.argsort(idx))]
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties averaged."""
+    from scipy.stats import rankdata  # here, not at import: scipy.stats takes seconds, and the CLI imports this module
+
+    return rankdata(x, method="average")
+
+
 def _pct(x: np.ndarray) -> np.ndarray:
-    return (rankdata(x, method="average") - 1) / max(len(x) - 1, 1)
+    return (_ranks(x) - 1) / max(len(x) - 1, 1)
 
 
 def rank_order(ids: list[str], score: np.ndarray) -> np.ndarray:
@@ -319,7 +326,7 @@ def separation(target: np.ndarray, other: np.ndarray, folds: int = 5, seed: int 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     """Mann-Whitney AUROC: P(pos > neg), ties counting half."""
-    r = rankdata(np.concatenate([pos, neg]))
+    r = _ranks(np.concatenate([pos, neg]))
     return float((r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
@@ -386,7 +393,7 @@ def mine(model, pool: Sequence[Tokenized], target: list[Tokenized], *, data_frac
     if diversity == "facility-quality" and (quality not in SHORTLISTED or selector not in FOLDS_QUALITY):
         raise P2DError(f"--diversity facility-quality needs a shortlisted quality signal ({', '.join(SHORTLISTED)}) "
                        f"and a selector that folds it in (p2d, embedding-*)")
-    if index not in ("auto", "flat", "ivf"):
+    if index not in INDEXES:
         raise P2DError(f"unknown index {index!r}; choose auto, flat or ivf")
     if not pool:
         raise P2DError("the pool is empty: nothing to select from")

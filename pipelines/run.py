@@ -18,6 +18,7 @@ from p2d import P2DError
 from p2d.aer import Ledger, aer_report, aer_table, write_aer
 from p2d.flops import Shape
 from p2d.io import read_json, write_json, write_text
+from p2d.masking import HEAD_ALIASES
 from p2d.models import DEFAULT_MODEL
 from p2d.pipelines.localize import LocalizeConfig, make_task_model, proxy_source, score_and_select
 from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool
@@ -25,6 +26,7 @@ from p2d.pipelines.plan import scan_pool
 from p2d.pipelines.reference import ReferenceRunConfig, reference_cost
 from p2d.pipelines.stages import Stage, fingerprint
 from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_LR, TrainRunConfig, train_model
+from p2d.pipelines.train import SCOPES as TRAIN_SCOPES
 from p2d.plan import PlanConfig, make_plan, plan_table, stage_flops
 from p2d.proxy import ProxyConfig
 from p2d.reference import ReferenceConfig
@@ -33,6 +35,9 @@ from p2d.trainer import TrainConfig
 
 console = Console(stderr=True)
 STAGE_ORDER = ("proxy", "localize", "mine", "train", "reference")
+# the run's heads come from its localize stage (--head-method chooses them), so the scopes that only
+# name another heads.json (random, lc) are `p2d train`'s alone
+SCOPES = tuple(s for s in TRAIN_SCOPES if s not in HEAD_ALIASES)
 
 
 # `p2d run`'s options that are not a stage config's field name: option -> (stage config, field)
@@ -149,6 +154,8 @@ class RunConfig:
         load_card(self.domain)
         self.localize_config().validate()
         self.mine_config(None).validate_options()
+        if self.train.scope not in SCOPES:
+            raise P2DError(f"--scope must be one of {', '.join(SCOPES)} in p2d run, got {self.train.scope!r}")
         check_train_options(self.train.scope, self.train.train, self.train.kv_scope)
         self.reference_config().validate()
         if self.eval_limit is not None and self.eval_limit < 0:

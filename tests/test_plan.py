@@ -9,7 +9,6 @@ from click.testing import CliRunner
 from p2d.cli.main import main
 from p2d.flops import Shape, train_step, trainable_for
 from p2d.plan import Lengths, PlanConfig, make_plan, stage_flops
-from p2d.tokens import length_batches
 
 LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "intermediate_size": 28672,
              "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256}
