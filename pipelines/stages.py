@@ -20,6 +20,7 @@ from pathlib import Path
 from p2d.io import read_json, write_json
 
 MARKER = ".p2d-stage.json"
+RUN = "{run}/"  # how a stage summary names a file of its run directory: a moved run directory still resumes
 
 
 def fingerprint(options: dict, previous: str = "") -> str:
@@ -38,7 +39,8 @@ class Stage:
         return self.dir / MARKER
 
     def state(self) -> dict:
-        return read_json(self.marker) if self.marker.is_file() else {}
+        """The marker, with the summary's run-directory paths made absolute again (`finish` stored them relative)."""
+        return _paths(read_json(self.marker), RUN, f"{self.dir.parent}/") if self.marker.is_file() else {}
 
     def is_done(self) -> bool:
         state = self.state()
@@ -58,4 +60,13 @@ class Stage:
 
     def finish(self, summary: dict | None = None) -> None:
         write_json(self.marker, {"stage": self.name, "fingerprint": self.fingerprint, "done": True,
-                                 "summary": summary or {}})
+                                 "summary": _paths(summary or {}, f"{self.dir.parent}/", RUN)})
+
+
+def _paths(value, old: str, new: str):
+    """`value` with every string that starts with `old` starting with `new` instead (dicts and lists walked)."""
+    if isinstance(value, dict):
+        return {k: _paths(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_paths(v, old, new) for v in value]
+    return new + value[len(old):] if isinstance(value, str) and value.startswith(old) else value

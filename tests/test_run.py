@@ -253,3 +253,18 @@ def test_run_json_reads_back_as_the_config_that_ran(finished, tiny_model, small_
     run, _ = finished
     recorded = json.loads((run / "run.json").read_text())["config"]
     assert asdict(RunConfig.from_json(recorded)) == asdict(config(tiny_model, small_pool))
+
+
+def test_a_moved_run_directory_reuses_every_stage(finished, tiny_model, small_pool, tmp_path):
+    """Stage summaries name the run's files relative to it: a copied or moved run resumes where it now is."""
+    import shutil
+
+    run, _ = finished
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    before = {s: (moved / s / ".p2d-stage.json").read_bytes() for s in ("proxy", "localize", "mine", "train", "reference")}
+    assert all(str(run) not in b.decode() for b in before.values())
+    report = run_pipeline(config(tiny_model, small_pool), moved, progress=False)
+    assert {s: (moved / s / ".p2d-stage.json").read_bytes() for s in before} == before
+    assert report["subset"]["path"] == str(moved.resolve() / "mine" / "selected.jsonl")
+    assert Path(report["outputs"]["heads"]).is_relative_to(moved.resolve())
