@@ -44,3 +44,40 @@ def test_two_rank_mining_equals_one_process(tiny_model, localized, small_pool, p
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     shards = sorted((tmp_path / "two" / "store").glob("shard-*.json"))
     assert len(shards) == (3 if pool_kind == "three-shards" else 1)
+
+
+def test_a_killed_two_rank_mining_resumes_to_the_same_selection(tiny_model, localized, pool_600, tmp_path):  # noqa: F811
+    """SIGKILL the whole torchrun job once a first shard is written: the rerun keeps the finished shards and
+    ends with the one-process selection, byte for byte."""
+    import signal
+    import time
+
+    args = ["mine", "--model", str(tiny_model), "--heads", str(localized / "heads.json"), "--data", str(pool_600),
+            "--domain", "code", "--data-frac", "0.1", "--batch-size", "1"]  # one row per forward: shards take a while
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
+    # the one-process reference with the ranks' thread count: another count sums matmuls in another order
+    one = subprocess.run([sys.executable, "-m", "p2d.cli.main", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = tmp_path / "two"
+
+    def launch():
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                                 str(free_port()), "-m", "p2d.cli.main", *args, "--out", str(two)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    proc = launch()
+    deadline = time.monotonic() + 300
+    while not list((two / "store").glob("shard-*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (two / "store").glob("shard-*.json"))
+    assert 1 <= len(done) < 3, done  # killed with work left
+    stamps = {name: (two / "store" / name).stat().st_mtime_ns for name in done}
+    proc = launch()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert {name: (two / "store" / name).stat().st_mtime_ns for name in done} == stamps  # finished shards were kept
+    for name in ("selected.jsonl", "scores.csv", "trl.jsonl"):
+        assert (two / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
