@@ -12,7 +12,7 @@ from rich.console import Console
 from p2d import P2DError, __version__
 from p2d.alps import METRICS, VARIANTS
 from p2d.cards import available_domains
-from p2d.features import POOLINGS
+from p2d.features import FEATURE_DTYPES, POOLINGS
 from p2d.masking import KV_SCOPES
 from p2d.mining import DIVERSITIES, HEAD_SETS, INDEXES, QUALITIES, SELECTORS
 from p2d.pipelines.run import SCOPES as RUN_SCOPES
@@ -180,6 +180,8 @@ def mine_options(f):
                      help="Weight of the quality rank against affinity (default: 0.5 for nll, 1.0 for ifd-rank and "
                           "reducible)."),
         click.option("--dedup", default=None, type=float, help="Drop samples whose cosine to a kept one is >= this."),
+        click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default="float32",
+                     help="How the feature store keeps features: float16 halves its disk and memory (large pools)."),
         click.option("--selector", type=click.Choice(SELECTORS), default="p2d",
                      help="p2d (head affinity + quality), or a baseline: p2d-paper (head affinity alone), rds "
                           "(RDS+), ifd (Superfiltering), random, embedding-mid/-last."),
@@ -196,7 +198,8 @@ def mine_options(f):
 @mine_options
 @click.option("--task-model", default=None,
               help="Proxy task model for --quality reducible (default: the task_model recorded in heads.json).")
-@click.option("--index", type=click.Choice(INDEXES), default="auto")
+@click.option("--index", type=click.Choice(INDEXES), default="auto",
+              help="FAISS index for --dedup: flat (exact), ivf (approximate), auto (ivf above 200k rows).")
 @click.option("--max-length", default=128, help="Tokens read per sample.")
 @click.option("--mining-window", "window", default=None, type=int,
               help="Read each sample's prompt and only its first N response tokens (default: as --max-length allows).")

@@ -33,6 +33,7 @@ POOLINGS = ("mean", "last", "mean-all", "max", "weighted")
 KINDS = ("heads", "hidden")
 QUALITIES = ("none", "nll", "ifd")  # what one pass computes; "reducible" (mining) adds a task-model pass
 SHARD_SAMPLES = 256
+FEATURE_DTYPES = ("float32", "float16")  # float16 halves the store; features are unit blocks, ranks barely move
 
 
 class _Stop(Exception):
@@ -42,7 +43,7 @@ class _Stop(Exception):
 @dataclass
 class FeatureResult:
     ids: list[str]
-    features: np.ndarray  # [N, dim] float32, input order; a read-only memmap when a store was used
+    features: np.ndarray  # [N, dim] float32 (or float16), input order; a read-only memmap when a store was used
     quality: np.ndarray | None  # [N] float64 (nll or ifd; NaN where a sample has no response tokens)
     seconds: float
     tokens: int  # non-pad tokens forwarded in this run (0 when everything came from the store)
@@ -230,7 +231,7 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
                      store_dir: str | Path | None = None, model_id: str = "", progress: bool = True,
                      early_stop: bool = True, shard_samples: int = SHARD_SAMPLES,
                      on_shard: Callable[[int], None] | None = None, rank: int = 0, world: int = 1,
-                     barrier: Callable[[], None] | None = None) -> FeatureResult:
+                     barrier: Callable[[], None] | None = None, dtype: str = "float32") -> FeatureResult:
     """Pooled, per-head L2-normalised features of `tokenized` (and a quality signal) in one pass.
 
     kind="heads": the chosen `heads` [(layer, head)], dim = n_heads * head_dim.
@@ -238,7 +239,8 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
     quality="nll": mean response-token loss under `model`; "ifd": that loss divided by the loss of
     the response alone (a second, response-only forward; needs `tokenizer` for its start token).
     With `store_dir`, finished shards are kept on disk and skipped on a rerun; `on_shard(i)` is
-    called after shard i is written (tests use it to simulate a kill).
+    called after shard i is written (tests use it to simulate a kill). `dtype`: how features are
+    kept (FEATURE_DTYPES); consumers compute in float32 either way.
 
     Several processes (`world` > 1, each with its `rank`, sharing `store_dir`) split the shards
     round-robin, each writes its own, and after `barrier()` every rank reads them all: the result
@@ -250,6 +252,8 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
         raise P2DError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if quality not in QUALITIES:
         raise P2DError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    if dtype not in FEATURE_DTYPES:
+        raise P2DError(f"unknown feature dtype {dtype!r}; choose one of {', '.join(FEATURE_DTYPES)}")
     geom = AttentionGeometry.from_config(model.config)
     if kind == "heads":
         units = sorted(set((int(l), int(h)) for l, h in (heads or [])))
@@ -277,7 +281,7 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
     if store:
         meta = {"model_id": model_id, "kind": kind, "units": [list(u) if kind == "heads" else u for u in units],
                 "pooling": pooling, "quality": quality, "fingerprint": fingerprint(tokenized),
-                "n_samples": len(tokenized), "dim": dim}
+                "n_samples": len(tokenized), "dim": dim, "dtype": dtype}
         if rank == 0:
             store.open(meta)
         if world > 1:
@@ -310,7 +314,7 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
                     qual_t.append(q)
                     n_tokens += n
                     bar.advance(task, len(b))
-                feats = torch.cat(feats_t).cpu().numpy().astype(np.float32)
+                feats = torch.cat(feats_t).cpu().numpy().astype(dtype)
                 qual = torch.cat(qual_t).double().cpu() if quality != "none" else None
                 if quality == "ifd":
                     alone, n = nll_pass(model, [response_only(tokenized[i], start_id) for i in order],
@@ -335,7 +339,7 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
     seconds = time.perf_counter() - t0
 
     order = np.array([i for s in shards for b in s for i in b], dtype=np.int64)
-    features = _assemble(done_feats, order, len(tokenized), dim, store, write=rank == 0)
+    features = _assemble(done_feats, order, len(tokenized), dim, store, write=rank == 0, dtype=dtype)
     qual_arr = None
     if quality != "none":
         qual_arr = np.empty(len(tokenized), dtype=np.float64)
@@ -348,7 +352,7 @@ def _quality_array(values: list[float] | None) -> np.ndarray | None:
 
 
 def _assemble(shards: list[np.ndarray | int], order: np.ndarray, n: int, dim: int, store: FeatureStore | None,
-              write: bool = True) -> np.ndarray:
+              write: bool = True, dtype: str = "float32") -> np.ndarray:
     """Shard rows (length-sorted) back into input order. With a store, shards are read one at a time
     (a memory map each holds a file descriptor: thousands would exhaust the limit) into a memmapped
     features.npy (`write`: rank 0), so a pool larger than memory is never held at once."""
@@ -360,12 +364,12 @@ def _assemble(shards: list[np.ndarray | int], order: np.ndarray, n: int, dim: in
             row += len(f)
 
     if store is None or not write:
-        out = np.empty((n, dim), dtype=np.float32)
+        out = np.empty((n, dim), dtype=dtype)
         fill(out)
         return out
     path = store.path / "features.npy"
     with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, dim))
         fill(out)
         out.flush()
         del out

@@ -368,7 +368,7 @@ def mine(model, pool: Sequence[Tokenized], target: list[Tokenized], *, data_frac
          task_model=None, max_layer: int | None = None, head_report: bool = False, diversity: str = "auto",
          dedup_threshold: float | None = None, index: str = "auto", seed: int = 0, batch_size: int = 16,
          max_tokens: int = 8192, store_dir=None, model_id: str = "", progress: bool = True,
-         ranks: tuple[int, int, object] | None = None) -> MineResult:
+         ranks: tuple[int, int, object] | None = None, feature_dtype: str = "float32") -> MineResult:
     """Score and select pool samples for the domain the target samples define.
 
     selector: see the module docstring. For "p2d" the heads come from `heads` (ALPS, heads.json),
@@ -445,7 +445,7 @@ def mine(model, pool: Sequence[Tokenized], target: list[Tokenized], *, data_frac
     pass_quality = "ifd" if selector == "ifd" else ("nll" if quality in SHORTLISTED else quality)
     rank, world, barrier = ranks or (0, 1, None)
     res = extract_features(model, pool, **feat_kw, **kw, quality=pass_quality, tokenizer=tokenizer,
-                           store_dir=store_dir, rank=rank, world=world, barrier=barrier)
+                           store_dir=store_dir, rank=rank, world=world, barrier=barrier, dtype=feature_dtype)
     summary["timings"]["extract_s"] = round(time.perf_counter() - t0, 3)
     summary["extract_tokens_per_s"] = round(res.tokens_per_s, 1)
     summary["feature_dim"] = int(res.features.shape[1])

@@ -42,6 +42,7 @@ class MineConfig:
     pooling: str = "mean"
     dedup: float | None = None
     index: str = "auto"
+    feature_dtype: str = "float32"  # p2d.features.FEATURE_DTYPES: float16 halves the feature store of a large pool
     max_length: int = 128  # tokens read per sample: the prompt and the start of the response place it
     window: int | None = None  # and of the response at most this many (None: as many as max_length allows)
     template: str = "auto"  # p2d.tokens.TEMPLATES: the prompt format samples are read in (as trained)
@@ -89,8 +90,10 @@ class MineConfig:
         if self.diversity == "facility-quality" and self.quality not in SHORTLISTED:
             raise P2DError(f"--diversity facility-quality needs --quality {' or '.join(SHORTLISTED)}, "
                            f"got {self.quality!r}")
-        from p2d.features import POOLINGS
+        from p2d.features import FEATURE_DTYPES, POOLINGS
 
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise P2DError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.feature_dtype!r}")
         if self.pooling not in POOLINGS:
             raise P2DError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.dedup is not None and not 0 < self.dedup <= 1:
@@ -165,7 +168,7 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
                   max_layer=cfg.mining_max_layer, head_report=cfg.head_report, diversity=cfg.diversity,
                   dedup_threshold=cfg.dedup, index=cfg.index, seed=cfg.seed, batch_size=cfg.batch_size,
                   store_dir=out_dir / "store", model_id=resolve_model(cfg.model), progress=progress,
-                  ranks=(rank, world, barrier))
+                  ranks=(rank, world, barrier), feature_dtype=cfg.feature_dtype)
     if rank != 0:  # every rank made the same selection; rank 0 writes it
         return result.summary
     start = time.perf_counter()

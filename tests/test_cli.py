@@ -181,6 +181,21 @@ def test_mining_window_reads_fewer_tokens(tiny_model, small_pool, localized, tmp
     assert w4["pool_tokens"] < full["pool_tokens"] and w4["counts"] == full["counts"]
 
 
+def test_float16_features_halve_the_store_and_keep_affinities(tiny_model, small_pool, localized, tmp_path):
+    common = ("mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool, "--domain",
+              "code", "--data-frac", 0.25)
+    p2d(*common, "--out", tmp_path / "f32")
+    p2d(*common, "--feature-dtype", "float16", "--out", tmp_path / "f16")
+    f32, f16 = (np.load(tmp_path / d / "store" / "features.npy", mmap_mode="r") for d in ("f32", "f16"))
+    assert f16.dtype == np.float16 and f16.nbytes * 2 == f32.nbytes
+    np.testing.assert_allclose(np.asarray(f16, dtype=np.float32), f32, atol=1e-3)
+    (a, b) = ([row for row in csv.DictReader(open(tmp_path / d / "scores.csv", encoding="utf-8"))] for d in ("f32", "f16"))
+    assert [r["quality"] for r in a] == [r["quality"] for r in b]  # the quality pass does not read stored features
+    np.testing.assert_allclose([float(r["affinity"]) for r in b], [float(r["affinity"]) for r in a], atol=1e-3)
+    r = p2d(*common, "--out", tmp_path / "f32", "--feature-dtype", "float16", ok=False)  # the store holds float32
+    assert r.exit_code == 2 and "dtype" in r.output
+
+
 @pytest.mark.parametrize("case", ["unknown selector", "no task model"])
 def test_mine_selector_errors_name_the_option(tiny_model, small_pool, localized, tmp_path, case):
     heads = localized / "heads.json"
