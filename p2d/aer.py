@@ -30,7 +30,7 @@ class StageTime:
     seconds: float = 0.0  # every finished or killed attempt of the stage's current output, summed
     gpu_seconds: float = 0.0
     attempts: int = 0
-    peak_memory_bytes: int = 0  # GPU: max allocated during the stage; CPU: the process's peak RSS so far
+    peak_memory_bytes: int = 0  # GPU: max allocated during the stage; CPU: peak RSS during the stage (Linux)
     running: dict | None = None  # the attempt in progress, as of its last heartbeat: {seconds, gpu_seconds}
 
 
@@ -69,6 +69,8 @@ class Ledger:
         if n_gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak_rss()
         start = time.perf_counter()
         stop = threading.Event()
 
@@ -103,13 +105,27 @@ class Ledger:
         self._save()
 
 
+def _reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS count (VmHWM), so a stage reports its own peak, not an earlier stage's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak stays the process's so far
+        pass
+
+
 def peak_memory(n_gpu: int) -> int:
-    """Bytes: the GPUs' max allocated since the stage's reset, else this process's peak resident set."""
+    """Bytes: the GPUs' max allocated since the stage's reset, else this process's peak resident set
+    since `_reset_peak_rss` (VmHWM), or since the process started where that is unavailable."""
     if n_gpu:
         return sum(torch.cuda.max_memory_allocated(i) for i in range(n_gpu))
-    import resource
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def aer_report(ledger: Ledger, reference: dict) -> dict:

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from p2d.aer import Ledger, aer_report
 
@@ -58,3 +59,20 @@ def test_failed_attempt_is_kept_for_the_resume(tmp_path):
     with Ledger(path).stage("train", resume=True):
         pass
     assert json.loads(path.read_text())["train"]["attempts"] == 2
+
+
+def test_each_stage_reports_its_own_peak_memory(tmp_path):
+    """A small stage after a large one reports its own peak, not the process's (on Linux, where VmHWM resets)."""
+    import numpy as np
+    import pytest
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    ledger = Ledger(tmp_path / "ledger.json")
+    with ledger.stage("proxy"):
+        big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+        del big
+    with ledger.stage("mine"):
+        pass
+    peak = {k: v.peak_memory_bytes for k, v in ledger.stages.items()}
+    assert peak["proxy"] - peak["mine"] > 300 * 2**20
