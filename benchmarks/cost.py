@@ -1,10 +1,8 @@
 """End-to-end cost of `p2d run`: wall-clock per stage, AER and speedup, on the embedded and the real pools.
 
 Each configuration is one `p2d run` at its defaults (proxy 64 samples / 16 steps, ALPS top 10% of
-heads, ifd-rank mining of 10% of the pool, heads-scope training for 2 epochs) except the prompt: the
-Alpaca template of the ALPS paper (`--template alpaca`) and the plain top-by-score subset
-(`--diversity none`), which every figure here was measured with (today's defaults are SmolLM2's ChatML
-template and facility-quality diversity); the reference is p2d's
+heads, ifd-rank mining of 10% of the pool with facility-quality diversity, heads-scope training for 2
+epochs, SmolLM2's ChatML template); the reference is p2d's
 own full-data, full-parameter estimate for as many epochs (12 timed steps of its real plan). Configurations:
 `default` is the README's main job on the embedded 3,600-row pool; `real-code` and `real-math` mine
 the 1,200-row mixed pool of benchmarks/pools.py (real CodeAlpaca, GSM8K, Alpaca, Self-Instruct and
@@ -69,8 +67,7 @@ def run_config(name: str, out: Path, data_root: Path, fresh: bool, eval_limit: i
         write_jsonl(data / "target.jsonl", target)
         opts |= dict(pool=str(data / "pool.jsonl"), target=str(data / "target.jsonl"),
                      proxy_data=str(data_root / PROXY_DATA[opts["domain"]]))
-    cfg = RunConfig.from_options(**{"diversity": "none", **opts}, template="alpaca", epochs=epochs,
-                                 evaluate=eval_limit > 0, eval_limit=eval_limit)
+    cfg = RunConfig.from_options(**opts, epochs=epochs, evaluate=eval_limit > 0, eval_limit=eval_limit)
     t0 = time.perf_counter()
     report = run_pipeline(cfg, run_dir, progress=False)
     wall = time.perf_counter() - t0

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--no-publish", action="store_true")
     args = ap.parse_args()
     rates = calibrate(force=args.recalibrate)
-    rows = []
+    rows, mem_rows = [], []
     for run in args.runs:
         config = read_json(run / "run.json")["config"]
         aer = read_json(run / "aer.json")
@@ -46,7 +46,12 @@ def main() -> None:
         for s in STAGES:
             row[s] = f"{plan['stages'][s]['seconds']:.0f} / {measured[s]:.0f} = {plan['stages'][s]['seconds'] / measured[s]:.2f}"
         rows.append(row)
-        print(row, flush=True)
+        mem = {"run": run.name}
+        for s in STAGES[:-1]:  # the reference is estimated from a few steps, not run: no peak of its own
+            got, want = aer["stages"][s]["peak_memory_bytes"], plan["stages"][s]["peak_memory_bytes"]
+            mem[s] = f"{want / 2**20:,.0f} / {got / 2**20:,.0f} = {want / got:.2f}"
+        mem_rows.append(mem)
+        print(row, mem, flush=True)
     md = "\n".join([
         f"Predicted ÷ measured seconds per stage (`p2d plan` before the run, the cost benchmark's `p2d run` after; the "
         f"reference's measured value is its estimate, checked in the reference check). Rates: {rates['method']} "
@@ -58,9 +63,15 @@ def main() -> None:
         "The plan assumes what it cannot know before the run: the subset's lengths are the pool's, and a selected "
         "head sits in layer 0 (backward through every layer). Where the real subset is shorter or the lowest "
         "selected head higher, the train stage comes out lower than planned.",
+        "",
+        "Peak memory, predicted ÷ measured MiB (the plan's formula against each stage's peak RSS: the kernel's "
+        "VmHWM, reset at the stage's start):",
+        "",
+        table(mem_rows, ["run", *STAGES[:-1]]),
     ])
     print(md)
-    emit("plan_check", "`p2d plan` against measured stage seconds", md, {"rows": rows, "rates": rates},
+    emit("plan_check", "`p2d plan` against measured stage seconds and peak memory", md,
+         {"rows": rows, "memory": mem_rows, "rates": rates},
          Path("runs") if args.no_publish else None)
 
 

@@ -241,6 +241,8 @@ def train_options(f):
         click.option("--deepspeed", default=None, type=click.Path(dir_okay=False),
                      help="DeepSpeed JSON config (ZeRO-1/2/3); or launch with the deepspeed launcher."),
         click.option("--save-every", default=50, help="Optimizer steps between resumable checkpoints."),
+        click.option("--tensorboard", is_flag=True,
+                     help="Also log loss, lr and tokens/s to OUT/tensorboard (needs the tensorboard package)."),
         click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
                      help="Set by the deepspeed launcher."),
     ]):
@@ -267,7 +269,7 @@ def train_config(kw: dict):
     return TrainConfig(lr=DEFAULT_LR.get(kw["scope"], DEFAULT_LR["full"]) if lr is None else lr, weight_decay=kw.pop("weight_decay"), batch_size=kw.pop("batch_size"),
                        grad_accum=kw.pop("grad_accum"), epochs=kw.pop("epochs"), max_steps=kw.pop("max_steps"),
                        max_length=kw.pop("max_length"), deepspeed=kw.pop("deepspeed"),
-                       save_every=kw.pop("save_every"), seed=kw.get("seed", 0))
+                       save_every=kw.pop("save_every"), tensorboard=kw.pop("tensorboard"), seed=kw.get("seed", 0))
 
 
 SCOPE_TEXT = {"heads": "only the selected heads' q rows and their KV groups' k/v rows",

@@ -50,6 +50,7 @@ class TrainConfig:
     deepspeed: str | os.PathLike | dict | None = None  # DeepSpeed JSON config (path or dict)
     dtype: torch.dtype | None = None  # None: p2d.models.default_dtype (fp32 CPU, bf16 GPU)
     log_every: int = 1
+    tensorboard: bool = False  # also write loss, lr and tokens/s as TensorBoard scalars to out_dir/tensorboard
     max_grad_norm: float = 1.0
 
 
@@ -452,6 +453,11 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
     from p2d.progress import Progress
 
     log = _open_log(out_dir / LOG, state["step"]) if run.rank == 0 else None
+    board = None
+    if config.tensorboard and run.rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["step"] + 1)  # a resume drops later events
 
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
@@ -478,10 +484,13 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
             state["losses"].append(loss)
             state["step"] = step + 1
             if log is not None:
-                log.write(json.dumps({"step": state["step"], "epoch": epoch, "loss": loss,
-                                      "lr": run.scheduler.get_last_lr()[0], "tokens": int(tokens),
-                                      "seconds": dt, "tokens_per_s": tokens / max(dt, 1e-9)}) + "\n")
+                record = {"step": state["step"], "epoch": epoch, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+                          "tokens": int(tokens), "seconds": dt, "tokens_per_s": tokens / max(dt, 1e-9)}
+                log.write(json.dumps(record) + "\n")
                 log.flush()
+                if board is not None:
+                    for key in ("loss", "lr", "tokens_per_s"):
+                        board.add_scalar(f"train/{key}", record[key], state["step"])
             if state["step"] % config.log_every == 0 or state["step"] == total:
                 bar.update(task, completed=state["step"], loss=f"{loss:.4f}",
                            tps=f"{state['tokens'] / max(state['seconds'], 1e-9):.0f}")
@@ -489,6 +498,8 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
                 run.save(out_dir, state)
     if log is not None:
         log.close()
+    if board is not None:
+        board.close()
     if getattr(model, "p2d_scope", None) is not None:
         trained = run.trained_state()
         if run.rank == 0:

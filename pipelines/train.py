@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,8 @@ def check_train_options(scope: str, t: TrainConfig, kv_scope: str = "shared") ->
         raise P2DError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if kv_scope not in KV_SCOPES:
         raise P2DError(f"--kv-scope must be one of {', '.join(KV_SCOPES)}, got {kv_scope!r}")
+    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise P2DError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if t.max_steps is None and t.epochs <= 0:
         raise P2DError(f"--epochs must be positive, got {t.epochs}")
     if t.max_steps is not None and t.max_steps <= 0:

@@ -248,6 +248,19 @@ def test_train_rejects_bad_numbers_before_loading(tiny_model, localized, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+def test_tensorboard_holds_the_logged_losses(tiny_model, localized, mined, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    p2d("train", "--model", tiny_model, "--heads", localized / "heads.json", "--data", mined / "selected.jsonl",
+        "--max-steps", 3, "--lr", 1e-2, "--tensorboard", "--out", tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in log]
+    assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3]
+
+
 def test_train_merged_checkpoint_loads_without_p2d(tiny_model, localized, mined, tmp_path):
     p2d("train", "--model", tiny_model, "--heads", localized / "heads.json", "--data", mined / "selected.jsonl",
         "--scope", "heads", "--max-steps", 3, "--lr", 1e-2, "--out", tmp_path)
