@@ -47,6 +47,11 @@ RENAMED = {"mine_max_length": ("mine", "max_length"), "mining_window": ("mine", 
            "measure_reference": ("reference", "measure")}
 
 
+def _loop(**options) -> TrainConfig:
+    """`p2d run`'s training loop: `p2d train`'s defaults (heads scope)."""
+    return TrainConfig(**({"lr": DEFAULT_LR["heads"], "epochs": DEFAULT_EPOCHS, "max_length": 256} | options))
+
+
 @dataclass
 class RunConfig:
     """What every stage shares, and each stage's own config as its module defines it (peft-style).
@@ -64,8 +69,7 @@ class RunConfig:
     seed: int = 0
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     mine: MineConfig = field(default_factory=MineConfig)
-    train: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(
-        data="", train=TrainConfig(lr=DEFAULT_LR["heads"], epochs=DEFAULT_EPOCHS, max_length=256)))
+    train: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(data="", train=_loop()))
     reference: ReferenceRunConfig = field(default_factory=ReferenceRunConfig)
     evaluate: bool = False
     eval_limit: int | None = 20
@@ -99,7 +103,7 @@ class RunConfig:
                 parts[part][name] = value
         if parts["loop"].get("lr") is None:
             parts["loop"]["lr"] = DEFAULT_LR.get(parts["train"].get("scope", "heads"), DEFAULT_LR["full"])
-        loop = TrainConfig(**({"epochs": DEFAULT_EPOCHS, "max_length": 256} | parts["loop"]))
+        loop = _loop(**parts["loop"])
         return cls(**top,
                    localize=LocalizeConfig(**parts["localize"], proxy=ProxyConfig(**parts["proxy"])),
                    mine=MineConfig(**parts["mine"]), train=TrainRunConfig(data="", **parts["train"], train=loop),
