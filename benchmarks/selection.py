@@ -21,7 +21,7 @@ seeds). `random-tok` draws random rows until it holds as many tokens as the defa
 equal-token comparison).
 Every model reads the Alpaca prompt of the ALPS paper (`--template alpaca`; SmolLM2's default `auto`
 is its ChatML template). Each subset is trained as `p2d train` trains it by default (heads scope, its lr and epochs), with
-training seeds 0-2 for p2d; `/full` cells train all weights as a check that the data, not the
+seeds 0-2 (training seeds; for the random draws also the draw); `/full` cells train all weights as a check that the data, not the
 scope, carries the result. Results accumulate in --results, so the run can be stopped and resumed.
 
     python benchmarks/selection.py --heads-code runs/sel-code/heads.json --heads-math runs/sel-math/heads.json
@@ -66,7 +66,6 @@ POOL = dict(codealpaca=250, stdlib=100, gsm8k=250, generated=100, general=200, c
 QUICK_POOL = dict(codealpaca=10, stdlib=4, gsm8k=10, generated=4, general=8, corrupt_code=2, corrupt_math=2)
 IN_DOMAIN = {"code": ("codealpaca", "stdlib"), "math": ("gsm8k", "generated")}
 SELECTIONS = ("p2d", "p2d-div", "p2d-divq", "p2d-paper", "rds", "ifd", "random", "random-tok")
-SEEDED = {"p2d", "p2d-div", "p2d-divq", "random"}  # the others: seed 0 only (CPU time)
 DEFAULT = "p2d-divq"  # what `p2d mine` selects at its defaults (--diversity facility-quality)
 DEFAULT_CELLS = ["p2d/heads", "random/heads", "rds/heads", "p2d-div/heads", "p2d-divq/heads", "p2d-paper/heads",
                  "random-tok/heads", "p2d-divq/full",
@@ -354,7 +353,7 @@ def main() -> None:
     for d in args.domains:
         for cell in args.cells:
             sel, scope = cell.split("/")
-            seeds = args.seeds if sel in SEEDED and scope == "heads" else [0]
+            seeds = args.seeds if scope == "heads" else [0]  # full-scope cells are a one-seed check
             todo += [(d, sel, scope, s) for s in seeds if f"{d}/{sel}/{scope}/s{s}" not in res["cells"]]
     todo.sort(key=lambda c: (TIER.get(f"{c[1]}/{c[2]}", 4), c[3], args.domains.index(c[0]), SELECTIONS.index(c[1])))
     if todo and command() not in res.setdefault("commands", []):
