@@ -81,3 +81,21 @@ def test_a_killed_two_rank_mining_resumes_to_the_same_selection(tiny_model, loca
     assert {name: (two / "store" / name).stat().st_mtime_ns for name in done} == stamps  # finished shards were kept
     for name in ("selected.jsonl", "scores.csv", "trl.jsonl"):
         assert (two / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_ranks_launched_with_other_feature_options_fail_naming_the_option(tiny_model, localized, pool_600, tmp_path):  # noqa: F811
+    """Ranks must mine the same features; one launched with another --pooling is stopped with the store's
+    clear error naming the option, not left to write shards the others would misread."""
+    wrapper = tmp_path / "p2d_rank.py"  # rank 1 gets one more option than rank 0
+    wrapper.write_text("import os, sys\nfrom p2d.cli.main import main\n"
+                       "extra = ['--pooling', 'max'] if os.environ['RANK'] == '1' else []\n"
+                       "sys.argv = ['p2d', *sys.argv[1:], *extra]\nmain()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), str(wrapper), "mine", "--model", str(tiny_model), "--heads",
+                           str(localized / "heads.json"), "--data", str(pool_600), "--domain", "code", "--out",
+                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "made from other inputs" in out and "pooling" in out, out[-3000:]
+    assert not (tmp_path / "two" / "selected.jsonl").exists()
