@@ -56,7 +56,8 @@ def main() -> None:
         f"Predicted ÷ measured seconds per stage (`p2d plan` before the run, the cost benchmark's `p2d run` after; the "
         f"reference's measured value is its estimate, checked in the reference check). Rates: {rates['method']} "
         f"({rates['forward_flops_per_s'] / 1e9:.0f} GFLOP/s forward, {rates['train_flops_per_s'] / 1e9:.0f} GFLOP/s "
-        f"training). Target: within 0.8–1.2 at the defaults.",
+        f"training all weights, {rates['head_train_flops_per_s'] / 1e9:.0f} GFLOP/s training 10% of heads). "
+        f"Target: within 0.8–1.2 at the defaults.",
         "",
         table(rows, ["run", "epochs", *STAGES]),
         "",

@@ -20,6 +20,7 @@ import numpy as np
 
 from p2d import P2DError
 from p2d.flops import Shape, Trainable, forward, train_step, trainable_for
+from p2d.masking import HEAD_ALIASES
 from p2d.tokens import PackedTokens, kept_span, length_batches
 
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0}
@@ -27,7 +28,8 @@ PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0}
 CALIBRATION_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64, vocab_size=49152)
 STAGES = ("proxy", "localize", "mine", "train", "reference")
-CALIBRATION_VERSION = 2  # part of the cache key: a changed measurement is taken again
+CALIBRATION_VERSION = 3  # part of the cache key: a changed measurement is taken again
+SPARSE_SCOPES = ("heads", *HEAD_ALIASES)  # trained at the head-sparse rate: per FLOP cheaper than full training
 
 
 @dataclass
@@ -201,8 +203,10 @@ def calibrate(force: bool = False) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from p2d.geometry import AttentionGeometry
     from p2d.io import read_json, write_json
     from p2d.loss import forward_token_nll
+    from p2d.masking import apply_scope
     from p2d.models import cache_dir, default_device
     from p2d.tokens import IGNORE, Tokenized
     from p2d.trainer import TrainConfig, time_steps
@@ -240,11 +244,19 @@ def calibrate(force: bool = False) -> dict:
     rows, width, prompt = 4, 256, 96
     ids, labels = batch(rows, width, prompt)
     data = [Tokenized(str(i), ids[i].tolist(), labels[i].tolist()) for i in range(rows)]
+    n_labels = int((labels[:, 1:] != IGNORE).sum())
     model.train().requires_grad_(True)
     seconds = time_steps(model, data, 0, TrainConfig(batch_size=rows, lr=1e-5), [[list(range(rows))]] * 4)[1:]
-    step = train_step(shape, [(rows, width)], int((labels[:, 1:] != IGNORE).sum()), trainable_for("full", shape))
+    step = train_step(shape, [(rows, width)], n_labels, trainable_for("full", shape))
+    # the heads scope as the plan assumes it (10% of heads, one in layer 0): less runs per step, and it runs faster
+    heads = assumed_heads(shape, 0.1)
+    apply_scope(model, AttentionGeometry.from_config(config), "heads", heads)
+    head_seconds = time_steps(model, data, 0, TrainConfig(batch_size=rows, lr=1e-5), [[list(range(rows))]] * 4)[1:]
+    head_step = train_step(shape, [(rows, width)], n_labels, trainable_for("heads", shape, heads))
     result = {"forward_flops_per_s": fwd_flops / fwd_s, "train_flops_per_s": step / float(np.median(seconds)),
-              "method": f"measured on {key}: SmolLM2-135M-shaped model, forward 32x128, training steps 4x256"}
+              "head_train_flops_per_s": head_step / float(np.median(head_seconds)),
+              "method": f"measured on {key}: SmolLM2-135M-shaped model, forward 32x128, training steps 4x256 "
+                        "(all weights, and 10% of heads)"}
     write_json(path, cached | {key: result})
     return result
 
@@ -257,7 +269,7 @@ def rates(cfg: PlanConfig) -> dict:
 
         raise P2DError(f"--hardware must be calibrate or one of {', '.join(PEAK_BF16_TFLOPS)}, got {cfg.hardware!r}")
     rate = PEAK_BF16_TFLOPS[cfg.hardware] * 1e12 * cfg.mfu
-    return {"forward_flops_per_s": rate, "train_flops_per_s": rate,
+    return {"forward_flops_per_s": rate, "train_flops_per_s": rate, "head_train_flops_per_s": rate,
             "method": f"{cfg.hardware} dense bf16 peak {PEAK_BF16_TFLOPS[cfg.hardware]:g} TFLOP/s × assumed MFU {cfg.mfu}"}
 
 
@@ -270,7 +282,8 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
     bytes_per = 2 if gpu else 4
     stages = {}
     for name, st in flops.items():
-        rate = r["train_flops_per_s"] if st["kind"] == "train" else r["forward_flops_per_s"]
+        rate = r["forward_flops_per_s"] if st["kind"] != "train" else \
+            r["head_train_flops_per_s"] if st["trainable"] in SPARSE_SCOPES else r["train_flops_per_s"]
         t = trainable_for(st.get("trainable", "full"), shape, assumed_heads(shape, cfg.head_frac), kv_scope=cfg.kv_scope) \
             if st["kind"] == "train" else Trainable()
         stages[name] = {"flops": st["flops"], "seconds": st["flops"] / rate,
