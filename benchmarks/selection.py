@@ -15,7 +15,8 @@ Selections are made with p2d.mining.mine, each as `p2d mine --selector S` makes 
 defaults: `p2d` (`--diversity none`: the top rows by head affinity and IFD rank, the default
 until session 5), `p2d-div` (`--diversity facility`: the same scores, then facility location over
 the top 2x; read off the p2d run), `p2d-divq` (`--diversity facility-quality`, **the default**:
-the same without the shortlist's worst third by IFD), `p2d-paper` (the same ALPS-head affinity, no
+the same without the shortlist's worst third by IFD), `p2d-divq-w16` (the default, mined with
+`--mining-window 16`: each sample's prompt and first 16 response tokens, ~0.6 of the tokens), `p2d-paper` (the same ALPS-head affinity, no
 quality signal: read off the p2d run, which computes exactly it), `rds`, `ifd`, and `random` (3
 seeds). `random-tok` draws random rows until it holds as many tokens as the default subset (the
 equal-token comparison).
@@ -65,7 +66,8 @@ PROXY_ROWS = 64  # `p2d localize` trains its proxy on the first 64 rows of the c
 POOL = dict(codealpaca=250, stdlib=100, gsm8k=250, generated=100, general=200, corrupt_code=50, corrupt_math=50)
 QUICK_POOL = dict(codealpaca=10, stdlib=4, gsm8k=10, generated=4, general=8, corrupt_code=2, corrupt_math=2)
 IN_DOMAIN = {"code": ("codealpaca", "stdlib"), "math": ("gsm8k", "generated")}
-SELECTIONS = ("p2d", "p2d-div", "p2d-divq", "p2d-paper", "rds", "ifd", "random", "random-tok")
+SELECTIONS = ("p2d", "p2d-div", "p2d-divq", "p2d-divq-w16", "p2d-paper", "rds", "ifd", "random", "random-tok")
+WINDOW = 16  # the mining window of p2d-divq-w16: issue #10's profile kept precision at 8-16 response tokens
 DEFAULT = "p2d-divq"  # what `p2d mine` selects at its defaults (--diversity facility-quality)
 DEFAULT_CELLS = ["p2d/heads", "random/heads", "rds/heads", "p2d-div/heads", "p2d-divq/heads", "p2d-paper/heads",
                  "random-tok/heads", "p2d-divq/full",
@@ -168,6 +170,12 @@ def mine_selections(domain: str, model, tok, pool: list[Example], target: list[E
         _, sel = select(res.ids, diversify(res.ids, res.score, res.features, math.ceil(frac * len(pool)), excluded),
                         frac)
         out["p2d-divq"] = {"ids": _ids(res.ids, sel), "seconds": out["p2d"]["seconds"] + time.perf_counter() - t0}
+    if "p2d-divq-w16" in todo:  # `p2d mine --mining-window 16` at its defaults (facility-quality)
+        t0 = time.perf_counter()
+        r = mine(model, tokenize(pool, tok, cfg.max_length, window=WINDOW),
+                 tokenize(target, tok, cfg.max_length, window=WINDOW), selector="p2d", heads=heads,
+                 quality=cfg.quality, task_model=task_model, diversity=cfg.diversity, **kw)
+        out["p2d-divq-w16"] = {"ids": _ids(r.ids, r.selected), "seconds": time.perf_counter() - t0}
     for name in [n for n in ("rds", "ifd") if n in todo]:  # rds/ifd pool features are the same for every domain
         t0 = time.perf_counter()
         r = mine(model, pool_t, target_t, selector=name, store_dir=store / name, **kw)
@@ -235,7 +243,7 @@ def summarize(res: dict) -> tuple[str, dict]:
         verdict = _verdicts(groups, sets)
         verdicts[domain] = verdict
         lines += [f"### {domain}", "",
-                  f"Base model (no training): " + ", ".join(f"{s} {base[s]:.4f}" for s in sets) + ".", "",
+                  "Base model (no training): " + ", ".join(f"{s} {base[s]:.4f}" for s in sets) + ".", "",
                   table(rows, ["cell", "seeds", "tokens", *sets]), "",
                   "Held-out sets: " + "; ".join(f"`{s}` ({sets[s]})" for s in sets) + ".", "",
                   "Composition of the selected rows:", "",
@@ -247,7 +255,7 @@ def summarize(res: dict) -> tuple[str, dict]:
 def _verdicts(groups: dict, sets: dict) -> list[str]:
     """Plain sentences: each p2d variant against each random seed and the other selectors, per held-out set."""
     out = []
-    for name in ("p2d/heads", "p2d-div/heads", "p2d-divq/heads"):
+    for name in ("p2d/heads", "p2d-div/heads", "p2d-divq/heads", "p2d-divq-w16/heads"):
         if name in groups:
             out += _verdicts_of(name, groups, sets)
     return out or ["p2d/heads not run yet."]
@@ -264,7 +272,7 @@ def _verdicts_of(name: str, groups: dict, sets: dict) -> list[str]:
             wins = int((mine.mean() < rand).sum())
             parts.append(f"below {wins} of {len(rand)} random subsets ({label} {mine.mean():.4f}, random "
                          f"{rand.mean():.4f} ± {rand.std(ddof=1) if len(rand) > 1 else 0:.4f})")
-        for other in ("p2d/heads", "rds/heads", "p2d-paper/heads", "ifd/heads", "random-tok/heads"):
+        for other in ("p2d/heads", "p2d-divq/heads", "rds/heads", "p2d-paper/heads", "ifd/heads", "random-tok/heads"):
             if other in groups and other != name:
                 o = np.array([v["nll"][s] for v in groups[other]])
                 noise = max(mine.std(ddof=1) if len(mine) > 1 else 0.0, o.std(ddof=1) if len(o) > 1 else 0.0)
@@ -328,13 +336,14 @@ def main() -> None:
     count = math.ceil(args.data_frac * len(pool))
     store = Path(tempfile.gettempdir()) / f"p2d-selection-store-{'quick' if args.quick else 'full'}"
     for d in args.domains:
-        todo = {k for k in ("p2d", "p2d-div", "p2d-divq", "p2d-paper", "rds", "ifd") if f"{d}/{k}" not in res["selections"]}
+        todo = {k for k in ("p2d", "p2d-div", "p2d-divq", "p2d-divq-w16", "p2d-paper", "rds", "ifd")
+                if f"{d}/{k}" not in res["selections"]}
         if todo:
             print(f"mining {d}: {', '.join(sorted(todo))}", flush=True)
             mined = mine_selections(d, model, tok, pool, to_examples(targets[d], f"{d}-target"), heads_paths[d],
                                     args.data_frac, store, todo | ({"p2d"} if todo & {"p2d-paper", "p2d-div", "p2d-divq"} else set()))
             old = res["selections"].get(f"{d}/p2d")
-            if old and old["ids"] != mined["p2d"]["ids"]:
+            if old and "p2d" in mined and old["ids"] != mined["p2d"]["ids"]:
                 raise P2DError(f"{d}: p2d's selection changed since {args.results} was made; use another --results")
             res["selections"] |= {f"{d}/{k}": v for k, v in mined.items() if k in todo}
             write_json(args.results, res)
