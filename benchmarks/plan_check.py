@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _report import emit, table  # noqa: E402
 
 from p2d.io import read_json  # noqa: E402
+from p2d.pipelines.mine import target_source  # noqa: E402
 from p2d.pipelines.plan import scan_pool  # noqa: E402
 from p2d.pipelines.run import RunConfig  # noqa: E402
 from p2d.plan import calibrate, make_plan  # noqa: E402
@@ -37,9 +38,9 @@ def main() -> None:
         aer = read_json(run / "aer.json")
         cfg = RunConfig.from_json(config)
         tr = cfg.train.train
-        model_cfg, lengths, proxy_lengths = scan_pool(cfg.model, cfg.pool, cfg.fields, cfg.localize.proxy_data,
-                                                      cfg.template)
-        plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths)
+        model_cfg, lengths, proxy_lengths, target = scan_pool(cfg.model, cfg.pool, cfg.fields, cfg.localize.proxy_data,
+                                                              cfg.template, target_source(cfg.mine_config(None)))
+        plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths, target)
         measured = {s: aer["stages"][s]["seconds"] for s in STAGES if s != "reference"}
         measured["reference"] = aer["reference"]["seconds"]
         row = {"run": run.name, "epochs": tr.epochs}
@@ -61,7 +62,7 @@ def main() -> None:
         "",
         table(rows, ["run", "epochs", *STAGES]),
         "",
-        "The plan assumes what it cannot know before the run: the subset's lengths are the pool's, and a selected "
+        "The plan assumes what it cannot know before the run: the subset's lengths are the target's, and a selected "
         "head sits in layer 0 (backward through every layer). Where the real subset is shorter or the lowest "
         "selected head higher, the train stage comes out lower than planned.",
         "",

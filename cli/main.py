@@ -368,6 +368,9 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
 @click.option("--model", default="smollm2-135m",
               help="Base model: embedded name, HF directory, .gguf, hub id, or a config.json file (any size; no weights).")
 @data_option("--data", default=["p2d:default"], help="The pool (its token lengths are scanned).")
+@click.option("--target", default=None,
+              help="The mining target: the subset is assumed as long as its rows (else as the pool's).")
+@click.option("--domain", type=click.Choice(DOMAINS), default=None, help="Its data card's seed set as the target.")
 @fields_option
 @template_option
 @click.option("--data-frac", default=0.1, type=float, help="Fraction of the pool kept.")
@@ -380,14 +383,15 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
 @click.option("--mfu", default=0.4, type=float, help="Model FLOP utilisation assumed with a named GPU.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the plan as JSON here.")
 @user_errors
-def plan(model: str, data: tuple[str, ...], fields: str | None, template: str, out: str | None, max_length: int, **kw) -> None:
+def plan(model: str, data: tuple[str, ...], fields: str | None, template: str, out: str | None, max_length: int,
+         target: str | None, domain: str | None, **kw) -> None:
     """Predict each stage's FLOPs, seconds and peak memory before running anything."""
     from p2d.pipelines.plan import plan_pool
     from p2d.plan import PlanConfig
 
     cfg = PlanConfig(train_max_length=max_length, **kw)
     cfg.validate()
-    plan_pool(model, list(data), cfg, out, fields, template)
+    plan_pool(model, list(data), cfg, out, fields, template, target, domain)
 
 
 @main.command(name="eval")

@@ -5,8 +5,9 @@ the pool's token lengths. FLOPs come from p2d.flops and are exact for what p2d r
 them by a throughput: measured once on this machine (a random-init model of SmolLM2-135M's shape,
 a few forward passes and full training steps, cached in $P2D_CACHE/calibration.json), or a named
 GPU's dense bf16 peak times an MFU the output states. What is not known before the run is assumed
-and said: the subset's lengths are the pool's, and a selected head sits in layer 0 (ALPS often
-picks one there), so heads training back-propagates through every layer.
+and said: the subset's lengths are the target's (mining picks rows like the target; the pool's
+when no target is given), and a selected head sits in layer 0 (ALPS often picks one there), so
+heads training back-propagates through every layer.
 """
 
 from __future__ import annotations
@@ -119,11 +120,12 @@ def assumed_heads(shape: Shape, head_frac: float) -> list[tuple[int, int]]:
 
 
 def stage_flops(shape: Shape, lengths: Lengths, cfg: PlanConfig, subset: np.ndarray | None = None,
-                heads: list[tuple[int, int]] | None = None, proxy: Lengths | None = None) -> dict[str, dict]:
+                heads: list[tuple[int, int]] | None = None, proxy: Lengths | None = None,
+                target: Lengths | None = None) -> dict[str, dict]:
     """FLOPs (and the largest micro-batch, for memory) of every stage of `p2d run`.
 
     Before a run, the subset and heads are assumed (see the module docstring); after it, pass the
-    real ones and the count is exact for what ran.
+    real ones and the count is exact for what ran. `target`: the mining target's lengths, when known.
     """
     n = len(lengths.prompt)
     rng = np.random.default_rng(cfg.seed)
@@ -135,15 +137,23 @@ def stage_flops(shape: Shape, lengths: Lengths, cfg: PlanConfig, subset: np.ndar
                                        steps=cfg.proxy_steps)
     # ALPS: W_o^h = Q_hᵀ·K_g·V_gᵀ per head, for the base and the task model
     localize = 2 * shape.layers * shape.heads * 2 * (2 * shape.hidden * shape.head_dim * shape.hidden)
-    read = lengths if cfg.mine_window is None else Lengths(lengths.prompt, np.minimum(lengths.response, cfg.mine_window))
-    total, labelled = _capped(read, cfg.mine_max_length)
-    target = rng.choice(n, size=min(cfg.target_rows, n), replace=False)
+    def read(ln: Lengths) -> tuple[np.ndarray, np.ndarray]:
+        window = ln if cfg.mine_window is None else Lengths(ln.prompt, np.minimum(ln.response, cfg.mine_window))
+        return _capped(window, cfg.mine_max_length)
+
+    total, labelled = read(lengths)
+    picked = rng.choice(n, size=min(cfg.target_rows, n), replace=False)  # drawn always: the later draws stay put
+    target = target or Lengths(lengths.prompt[picked], lengths.response[picked])
     listed = rng.choice(n, size=min(cfg.shortlist * count, n), replace=False)
     # IFD's response-only pass: a start token and the labelled tokens mining read
-    mine = (_forward_flops(shape, total, labelled, cfg) + _forward_flops(shape, total[target], labelled[target], cfg)
+    mine = (_forward_flops(shape, total, labelled, cfg) + _forward_flops(shape, *read(target), cfg)
             + _forward_flops(shape, labelled[listed] + 1, labelled[listed], cfg))
-    subset = subset if subset is not None else rng.choice(n, size=count, replace=False)
-    train, train_tokens = _train_flops(shape, lengths, subset, cfg.train_max_length, cfg.train_batch_size,
+    if subset is None:  # count rows like the target's (the rows mining ranks first resemble it)
+        like = rng.choice(len(target.prompt), size=count, replace=True)
+        trained, subset = Lengths(target.prompt[like], target.response[like]), np.arange(count)
+    else:
+        trained = lengths
+    train, train_tokens = _train_flops(shape, trained, subset, cfg.train_max_length, cfg.train_batch_size,
                                        trainable_for(cfg.scope, shape, heads, kv_scope=cfg.kv_scope),
                                        epochs=cfg.epochs)
     reference, ref_tokens = _train_flops(shape, lengths, np.arange(n), cfg.train_max_length, cfg.train_batch_size,
@@ -273,10 +283,11 @@ def rates(cfg: PlanConfig) -> dict:
             "method": f"{cfg.hardware} dense bf16 peak {PEAK_BF16_TFLOPS[cfg.hardware]:g} TFLOP/s × assumed MFU {cfg.mfu}"}
 
 
-def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None = None) -> dict:
+def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None = None,
+              target: Lengths | None = None) -> dict:
     """The plan's JSON: per stage FLOPs, seconds, peak memory; the totals and the predicted AER."""
     shape = Shape.from_config(config)
-    flops = stage_flops(shape, lengths, cfg, proxy=proxy)
+    flops = stage_flops(shape, lengths, cfg, proxy=proxy, target=target)
     r = rates(cfg)
     gpu = cfg.hardware != "calibrate"
     bytes_per = 2 if gpu else 4
@@ -297,7 +308,9 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
             "pool_tokens": int(lengths.total.sum()), "lengths": lengths.method, "config": asdict(cfg),
             "model": {"layers": shape.layers, "hidden": shape.hidden, "heads": shape.heads,
                       "kv_heads": shape.kv_heads, "params": shape.params()},
-            "assumptions": ["the subset's lengths are the pool's (a seeded random sample of its size)",
+            "assumptions": ["the subset's lengths are the target's (a seeded resample to the subset's size)"
+                            if target is not None else
+                            "the subset's lengths are the pool's (no target given: a seeded random sample of its size)",
                             "one selected head sits in layer 0, so heads training back-propagates through every layer",
                             f"epochs: {cfg.epochs} on both sides (p2d's training and the reference)",
                             "peak memory is approximate (p2d/plan.py: peak_memory)"]}

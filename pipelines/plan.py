@@ -27,29 +27,35 @@ def model_config(spec: str):
 
 
 def scan_pool(model: str, data: str | list[str], fields: str | None = None, proxy_data: str | None = None,
-              template: str = "auto") -> tuple[object, Lengths, Lengths | None]:
-    """(model config, the pool's token lengths, the proxy data's when given): all a plan reads.
-    Without a tokenizer (a bare config.json) lengths are bytes / 4 whatever the template."""
+              template: str = "auto", target: str | None = None) -> tuple[object, Lengths, Lengths | None, Lengths | None]:
+    """(model config, the pool's token lengths, the proxy data's and the mining target's when given): all a
+    plan reads. Without a tokenizer (a bare config.json) lengths are bytes / 4 whatever the template."""
     from p2d.data import load_examples, load_tokens
 
     config = model_config(model)
     if model.endswith(".json"):
-        proxy = scan_bytes(load_examples(proxy_data)) if proxy_data else None
-        return config, scan_bytes(load_examples(data, fields=fields)), proxy
-    from p2d.models import load_tokenizer
+        def lengths(source, fields=None):
+            return scan_bytes(load_examples(source, fields=fields)) if source else None
+    else:
+        from p2d.models import load_tokenizer
 
-    tok = load_tokenizer(model)
-    proxy = scan(load_tokens(proxy_data, tok, 2**31, template)) if proxy_data else None
-    return config, scan(load_tokens(data, tok, 2**31, template, fields)), proxy
+        tok = load_tokenizer(model)
+
+        def lengths(source, fields=None):
+            return scan(load_tokens(source, tok, 2**31, template, fields)) if source else None
+    return config, lengths(data, fields), lengths(proxy_data), lengths(target)
 
 
 def plan_pool(model: str, data: str | list[str], cfg: PlanConfig, out: str | Path | None = None, fields: str | None = None,
-              template: str = "auto") -> dict:
-    """Scan the pool's token lengths, predict each stage, print the table; write plan.json to `out` if given."""
+              template: str = "auto", target: str | None = None, domain: str | None = None) -> dict:
+    """Scan the pool's (and the mining target's: `target`, else `domain`'s seed set) token lengths,
+    predict each stage, print the table; write plan.json to `out` if given."""
     from p2d.data import pool_spec, sources_of
+    from p2d.pipelines.mine import MineConfig, target_source
 
-    config, lengths, _ = scan_pool(model, data, fields, template=template)
-    plan = make_plan(config, lengths, cfg)
+    source = target_source(MineConfig(target=target, domain=domain)) if (target or domain) else None
+    config, lengths, _, target_lengths = scan_pool(model, data, fields, template=template, target=source)
+    plan = make_plan(config, lengths, cfg, target=target_lengths)
     plan["model"]["spec"], plan["pool"] = model, pool_spec(sources_of(data))
     console.print(plan_table(plan))
     if out is not None:

@@ -21,7 +21,7 @@ from p2d.io import read_json, write_json, write_text
 from p2d.masking import HEAD_ALIASES
 from p2d.models import DEFAULT_MODEL
 from p2d.pipelines.localize import LocalizeConfig, make_task_model, proxy_source, score_and_select
-from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool
+from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool, target_source
 from p2d.pipelines.plan import scan_pool
 from p2d.pipelines.reference import ReferenceRunConfig, reference_cost
 from p2d.pipelines.stages import Stage, fingerprint
@@ -175,7 +175,6 @@ def _stage_options(cfg: RunConfig) -> dict[str, dict]:
     plus digests of what its inputs resolve to here (content, not names)."""
     from p2d.io import input_digest
     from p2d.models import model_digest
-    from p2d.pipelines.mine import target_source
 
     loc = asdict(cfg.localize_config())
     task_model = cfg.localize.task_model
@@ -204,8 +203,10 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "run.json", {"config": asdict(cfg)})
     proxy_data = None if cfg.localize.task_model else proxy_source(cfg.localize_config())
-    model_cfg, lengths, proxy_lengths = scan_pool(cfg.model, cfg.pool, cfg.fields, proxy_data, cfg.template)
-    plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths)
+    target = target_source(cfg.mine_config(None))
+    model_cfg, lengths, proxy_lengths, target_lengths = scan_pool(cfg.model, cfg.pool, cfg.fields, proxy_data,
+                                                                  cfg.template, target)
+    plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths, target_lengths)
     write_json(run_dir / "plan.json", plan)
     console.print(plan_table(plan))
     ledger = Ledger(run_dir / "ledger.json")
@@ -241,7 +242,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     reference = run_stage("reference", lambda d: reference_cost(cfg.reference_config(), d, progress), timed=False)
 
     report = aer_report(ledger, reference)
-    _count_flops(report, plan, model_cfg, lengths, cfg, mined, read_heads_json(heads).heads, proxy_lengths)
+    _count_flops(report, plan, model_cfg, lengths, cfg, mined, read_heads_json(heads).heads, proxy_lengths,
+                 target_lengths)
     report["subset"] = {"selected": mined["counts"]["selected"], "pool": mined["counts"]["pool"], "path": subset}
     report["heads"] = {"selected": len(read_json(heads)["selected"]), "path": heads}
     report["trainable_params"] = trained["trainable_params"]
@@ -259,8 +261,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
 
 
 def _count_flops(report: dict, plan: dict, model_cfg, lengths, cfg: RunConfig, mined: dict, heads: list,
-                 proxy_lengths=None) -> None:
-    """FLOPs of each stage as it ran (the real subset and heads; mining's target and shortlist lengths as
+                 proxy_lengths=None, target_lengths=None) -> None:
+    """FLOPs of each stage as it ran (the real subset, heads and target; mining's shortlist lengths as
     assumed) beside the seconds, and the plan's predicted seconds beside the measured ones."""
     import csv
 
@@ -269,7 +271,7 @@ def _count_flops(report: dict, plan: dict, model_cfg, lengths, cfg: RunConfig, m
     with open(mined["outputs"]["scores.csv"], encoding="utf-8") as f:
         subset = np.flatnonzero([row["selected"] == "1" for row in csv.DictReader(f)])
     flops = stage_flops(Shape.from_config(model_cfg), lengths, cfg.plan_config(), subset=subset,
-                        heads=[tuple(h) for h in heads], proxy=proxy_lengths)
+                        heads=[tuple(h) for h in heads], proxy=proxy_lengths, target=target_lengths)
     for name, stage in report["stages"].items():
         stage["flops"] = flops[name]["flops"]
         stage["planned_seconds"] = plan["stages"][name]["seconds"]

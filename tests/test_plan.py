@@ -72,6 +72,19 @@ def test_real_subset_and_heads_replace_the_assumptions():
     assert deep < shallow  # a head only in the last layer back-propagates through one layer
 
 
+def test_the_subset_is_assumed_as_long_as_the_target_rows():
+    """Mining ranks rows like the target first: before a run, the subset is planned with the target's lengths."""
+    shape = Shape.from_config(LLAMA_8B)
+    cfg = PlanConfig(data_frac=0.1)
+    pool = Lengths(np.full(200, 60), np.full(200, 140))
+    target = Lengths(np.full(16, 20), np.full(16, 30))
+    short = Lengths(np.full(20, 20), np.full(20, 30))  # the 20 rows the subset is assumed to be
+    planned = stage_flops(shape, pool, cfg, target=target)
+    assert planned["train"]["flops"] == stage_flops(shape, short, cfg, subset=np.arange(20))["train"]["flops"]
+    assert planned["train"]["flops"] < stage_flops(shape, pool, cfg)["train"]["flops"]
+    assert planned["reference"] == stage_flops(shape, pool, cfg)["reference"]  # the reference trains the pool
+
+
 def test_cli_plan_from_a_config_file(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(LLAMA_70B))
