@@ -17,6 +17,7 @@ from p2d.masking import KV_SCOPES
 from p2d.mining import DIVERSITIES, HEAD_SETS, INDEXES, QUALITIES, SELECTORS
 from p2d.pipelines.run import SCOPES as RUN_SCOPES
 from p2d.pipelines.run import STAGE_ORDER
+from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_MAX_LENGTH
 from p2d.pipelines.train import SCOPES as TRAIN_SCOPES
 from p2d.plan import PEAK_BF16_TFLOPS
 from p2d.selection import METHODS
@@ -229,14 +230,14 @@ def mine(out: str, **kw) -> None:
 
 def train_options(f):
     for opt in reversed([
-        click.option("--epochs", default=2, help="Epochs over the data."),
+        click.option("--epochs", default=DEFAULT_EPOCHS, help="Epochs over the data."),
         click.option("--max-steps", default=None, type=int, help="Optimizer steps (overrides --epochs)."),
         click.option("--lr", default=None, type=float,
                      help="Peak learning rate, cosine to 10% after 10% warmup (default: 1e-3 for heads, lc, random "
                           "and lora scopes, 5e-5 for the others)."),
         click.option("--batch-size", default=4, help="Micro-batch size per process."),
         click.option("--grad-accum", default=1, help="Micro-batches per optimizer step."),
-        click.option("--max-length", default=256, help="Tokens per sample."),
+        click.option("--max-length", default=DEFAULT_MAX_LENGTH, help="Tokens per sample."),
         click.option("--weight-decay", default=0.1, type=float),
         click.option("--deepspeed", default=None, type=click.Path(dir_okay=False),
                      help="DeepSpeed JSON config (ZeRO-1/2/3); or launch with the deepspeed launcher."),
@@ -260,13 +261,13 @@ def launcher_rank(kw: dict) -> None:
 
 
 def train_config(kw: dict):
-    from p2d.pipelines.train import DEFAULT_LR
+    from p2d.pipelines.train import default_lr
     from p2d.trainer import TrainConfig
 
     launcher_rank(kw)
 
     lr = kw.pop("lr")
-    return TrainConfig(lr=DEFAULT_LR.get(kw["scope"], DEFAULT_LR["full"]) if lr is None else lr, weight_decay=kw.pop("weight_decay"), batch_size=kw.pop("batch_size"),
+    return TrainConfig(lr=default_lr(kw["scope"]) if lr is None else lr, weight_decay=kw.pop("weight_decay"), batch_size=kw.pop("batch_size"),
                        grad_accum=kw.pop("grad_accum"), epochs=kw.pop("epochs"), max_steps=kw.pop("max_steps"),
                        max_length=kw.pop("max_length"), deepspeed=kw.pop("deepspeed"),
                        save_every=kw.pop("save_every"), tensorboard=kw.pop("tensorboard"), seed=kw.get("seed", 0))
@@ -376,8 +377,8 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
 @click.option("--data-frac", default=0.1, type=float, help="Fraction of the pool kept.")
 @click.option("--head-frac", default=0.1, type=float, help="Fraction of heads trained.")
 @click.option("--scope", type=click.Choice(RUN_SCOPES), default="heads", help=scope_help(RUN_SCOPES))
-@click.option("--epochs", default=2, help="Epochs, for p2d's training and for the reference alike.")
-@click.option("--max-length", default=256, help="Training tokens per sample.")
+@click.option("--epochs", default=DEFAULT_EPOCHS, help="Epochs, for p2d's training and for the reference alike.")
+@click.option("--max-length", default=DEFAULT_MAX_LENGTH, help="Training tokens per sample.")
 @click.option("--hardware", type=click.Choice(("calibrate", *PEAK_BF16_TFLOPS)), default="calibrate",
               help="calibrate: measure this machine once (cached); or a GPU's bf16 peak times --mfu.")
 @click.option("--mfu", default=0.4, type=float, help="Model FLOP utilisation assumed with a named GPU.")

@@ -421,9 +421,9 @@ def sources_of(source: Sources) -> list[str]:
     return sources
 
 
-def pool_spec(sources: Iterable[str]) -> Sources:
+def pool_spec(source: Sources) -> Sources:
     """How a pool is written in configs and summaries: one source as a string, several as a list."""
-    out = [str(s) for s in sources]
+    out = sources_of(source)
     return out[0] if len(out) == 1 else out
 
 
@@ -434,8 +434,12 @@ def source_names(source: Sources) -> list[str]:
     for s in sources_of(source):
         stem = s.removeprefix("p2d:").rstrip("/").replace("/", "-") if s.startswith("p2d:") or is_hub_id(s) \
             else Path(s).name.split(".")[0]
-        name = re.sub(r"[^\w.-]+", "_", stem) or "data"
-        names.append(name if name not in names else f"{name}-{len(names) + 1}")
+        base = name = re.sub(r"[^\w.-]+", "_", stem) or "data"
+        k = 1
+        while name in names:  # a.jsonl, a-2.jsonl and a.json: a, a-2, a-3
+            k += 1
+            name = f"{base}-{k}"
+        names.append(name)
     return names
 
 

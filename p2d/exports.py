@@ -198,9 +198,9 @@ def export_subset(out_dir: str | Path, kept: list[Example], result, source: str 
     schemas = {name: infer_schema([e.raw for e in part], name if several else source, fields)
                for name, part in parts.items()}
     files = {name: f"selected/{name}.jsonl" if several else "selected.jsonl" for name in parts}
-    # trl.jsonl is one dataset: conversations only when every part is one, else the prompt/completion p2d trains on
-    trl_schema = next(iter(schemas.values())) if all(s["kind"] == "chat" for s in schemas.values()) \
-        else {"kind": "pair"}
+    # trl.jsonl is one dataset in one format: conversations when every part is one, else the prompt/completion
+    # p2d trains on (each row read with its own source's schema)
+    all_chat = all(s["kind"] == "chat" for s in schemas.values())
     paths = {name: out / name for name in ("selected.jsonl", "trl.jsonl", "scores.csv", "dataset_info.json",
                                            "axolotl.yaml")}
     write_text(paths["selected.jsonl"], _jsonl(e.raw for e in kept))
@@ -209,7 +209,7 @@ def export_subset(out_dir: str | Path, kept: list[Example], result, source: str 
         for name, part in parts.items():
             paths[files[name]] = out / files[name]
             write_text(paths[files[name]], _jsonl(e.raw for e in part))
-    write_text(paths["trl.jsonl"], _jsonl(trl_record(e, trl_schema if several else schemas[row_source(e.id, sources)])
+    write_text(paths["trl.jsonl"], _jsonl(trl_record(e, schemas[row_source(e.id, sources)] if all_chat else {"kind": "pair"})
                                           for e in kept))
     write_text(paths["scores.csv"], scores_csv(result, sources))
     write_json(paths["dataset_info.json"], {(f"{dataset_name}_{name}" if several else dataset_name):

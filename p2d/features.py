@@ -170,7 +170,7 @@ class FeatureStore:
         """Create the store, or check that an existing one was made from the same inputs."""
         meta_path = self.path / "meta.json"
         if meta_path.is_file():
-            old = read_json(meta_path)
+            old = {"dtype": "float32"} | read_json(meta_path)  # stores written before the dtype was recorded
             diff = [k for k in meta if old.get(k) != meta[k]]
             if diff:
                 what = "; ".join(f"{k}: store has {_short(old.get(k))}, this run {_short(meta[k])}" for k in diff)

@@ -54,6 +54,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
 
 
+# TrainConfig fields that change how a run is checkpointed, logged or launched, never what it computes:
+# left out of checkpoint keys and stage cache keys, so changing them resumes instead of starting over
+NOT_IN_KEY = ("save_every", "log_every", "deepspeed", "tensorboard")
+
+
 @dataclass
 class TrainResult:
     steps: int

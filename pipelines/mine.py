@@ -52,9 +52,9 @@ class MineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from p2d.data import pool_spec, sources_of
+        from p2d.data import pool_spec
 
-        self.data = pool_spec(sources_of(self.data))  # one source as a string, several as a list
+        self.data = pool_spec(self.data)  # one source as a string, several as a list
 
     def validate(self) -> None:
         from p2d.tokens import check_template

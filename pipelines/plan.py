@@ -50,13 +50,13 @@ def plan_pool(model: str, data: str | list[str], cfg: PlanConfig, out: str | Pat
               template: str = "auto", target: str | None = None, domain: str | None = None) -> dict:
     """Scan the pool's (and the mining target's: `target`, else `domain`'s seed set) token lengths,
     predict each stage, print the table; write plan.json to `out` if given."""
-    from p2d.data import pool_spec, sources_of
+    from p2d.data import pool_spec
     from p2d.pipelines.mine import MineConfig, target_source
 
     source = target_source(MineConfig(target=target, domain=domain)) if (target or domain) else None
     config, lengths, _, target_lengths = scan_pool(model, data, fields, template=template, target=source)
     plan = make_plan(config, lengths, cfg, target=target_lengths)
-    plan["model"]["spec"], plan["pool"] = model, pool_spec(sources_of(data))
+    plan["model"]["spec"], plan["pool"] = model, pool_spec(data)
     console.print(plan_table(plan))
     if out is not None:
         write_json(Path(out), plan)

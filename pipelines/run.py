@@ -17,6 +17,7 @@ from rich.console import Console
 from p2d import P2DError
 from p2d.aer import Ledger, aer_report, aer_table, write_aer
 from p2d.flops import Shape
+from p2d.data import pool_spec
 from p2d.io import read_json, write_json, write_text
 from p2d.masking import HEAD_ALIASES
 from p2d.models import DEFAULT_MODEL
@@ -25,13 +26,13 @@ from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool, target_sourc
 from p2d.pipelines.plan import scan_pool
 from p2d.pipelines.reference import ReferenceRunConfig, reference_cost
 from p2d.pipelines.stages import Stage, fingerprint
-from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_LR, TrainRunConfig, train_model
+from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_MAX_LENGTH, TrainRunConfig, default_lr, train_model
 from p2d.pipelines.train import SCOPES as TRAIN_SCOPES
 from p2d.plan import PlanConfig, make_plan, plan_table, stage_flops
 from p2d.proxy import ProxyConfig
 from p2d.reference import ReferenceConfig
 from p2d.selection import read_heads_json
-from p2d.trainer import TrainConfig
+from p2d.trainer import NOT_IN_KEY, TrainConfig
 
 console = Console(stderr=True)
 STAGE_ORDER = ("proxy", "localize", "mine", "train", "reference")
@@ -49,16 +50,24 @@ RENAMED = {"mine_max_length": ("mine", "max_length"), "mining_window": ("mine", 
 
 def _loop(**options) -> TrainConfig:
     """`p2d run`'s training loop: `p2d train`'s defaults (heads scope)."""
-    return TrainConfig(**({"lr": DEFAULT_LR["heads"], "epochs": DEFAULT_EPOCHS, "max_length": 256} | options))
+    return TrainConfig(**({"lr": default_lr("heads"), "epochs": DEFAULT_EPOCHS, "max_length": DEFAULT_MAX_LENGTH}
+                          | options))
+
+
+def _options(kind) -> set[str]:
+    """The fields of a stage config that are options: not a nested config, not an upstream output."""
+    hints = get_type_hints(kind)
+    return {f.name for f in fields(kind) if f.name not in ("heads", "data") and not is_dataclass(hints[f.name])}
 
 
 @dataclass
 class RunConfig:
     """What every stage shares, and each stage's own config as its module defines it (peft-style).
 
-    A stage runs with its config, the shared fields and the upstream outputs filled in
-    (`*_config()`), and its cache key is that config plus digests of its inputs: an option added to
-    a stage config is part of the key without being named here.
+    The shared fields are written into every stage config that has them (so run.json records what
+    ran); a stage runs with its config plus the upstream outputs (`*_config()`), and its cache key
+    is that config plus digests of its inputs: an option added to a stage config is part of the key
+    without being named here.
     """
 
     domain: str = "code"
@@ -75,9 +84,14 @@ class RunConfig:
     eval_limit: int | None = 20
 
     def __post_init__(self) -> None:
-        from p2d.data import pool_spec, sources_of
-
-        self.pool = pool_spec(sources_of(self.pool))
+        self.pool = pool_spec(self.pool)
+        shared = dict(model=self.model, fields=self.fields, template=self.template)
+        self.localize = replace(self.localize, model=self.model, domain=self.domain, seed=self.seed,
+                                proxy=replace(self.localize.proxy, template=self.template, seed=self.seed))
+        self.mine = replace(self.mine, data=self.pool, domain=self.domain, seed=self.seed, **shared)
+        self.train = replace(self.train, train=replace(self.train.train, seed=self.seed), **shared)
+        self.reference = replace(self.reference, pool=self.pool, train=self.train.train,
+                                 estimate=replace(self.reference.estimate, seed=self.seed), **shared)
 
     @classmethod
     def from_options(cls, **options) -> "RunConfig":
@@ -97,48 +111,46 @@ class RunConfig:
                 part, key = RENAMED[name]
                 parts[part][key] = value
             else:
-                part = next((p for p, t in types.items() if name in {f.name for f in fields(t)}), None)
+                part = next((p for p, t in types.items() if name in _options(t)), None)
                 if part is None:
                     raise P2DError(f"p2d run has no option {name!r}")
                 parts[part][name] = value
         if parts["loop"].get("lr") is None:
-            parts["loop"]["lr"] = DEFAULT_LR.get(parts["train"].get("scope", "heads"), DEFAULT_LR["full"])
-        loop = _loop(**parts["loop"])
+            parts["loop"]["lr"] = default_lr(parts["train"].get("scope", "heads"))
         return cls(**top,
                    localize=LocalizeConfig(**parts["localize"], proxy=ProxyConfig(**parts["proxy"])),
-                   mine=MineConfig(**parts["mine"]), train=TrainRunConfig(data="", **parts["train"], train=loop),
+                   mine=MineConfig(**parts["mine"]), train=TrainRunConfig(data="", **parts["train"],
+                                                                          train=_loop(**parts["loop"])),
                    reference=ReferenceRunConfig(**parts["reference"], estimate=ReferenceConfig(**parts["estimate"])))
 
     @classmethod
     def from_json(cls, data: dict) -> "RunConfig":
         """The RunConfig a run.json records (its `asdict` read back), to plan or rerun it."""
-        def build(kind, value):
+        def build(kind, value, where: str):
             if get_origin(kind) is tuple and isinstance(value, list):  # JSON has no tuples
                 return tuple(value)
             if not (is_dataclass(kind) and isinstance(value, dict)):
                 return value
-            hints = get_type_hints(kind)
-            return kind(**{f.name: build(hints[f.name], value[f.name]) for f in fields(kind) if f.name in value})
+            hints, names = get_type_hints(kind), {f.name for f in fields(kind)}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise P2DError(f"run.json: {where or 'config'} has no field {', '.join(unknown)} "
+                               "(written by another version of p2d?)")
+            return kind(**{k: build(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in value.items()})
 
-        return build(cls, data)
+        return build(cls, data, "")
 
     def localize_config(self) -> LocalizeConfig:
-        loc = self.localize
-        return replace(loc, model=self.model, domain=self.domain, seed=self.seed,
-                       proxy=replace(loc.proxy, template=self.template, seed=self.seed))
+        return self.localize
 
     def mine_config(self, heads: str | None, task_model: str | None = None) -> MineConfig:
-        return replace(self.mine, heads=heads, task_model=task_model, data=self.pool, model=self.model,
-                       domain=self.domain, fields=self.fields, template=self.template, seed=self.seed)
+        return replace(self.mine, heads=heads, task_model=task_model)
 
     def train_config(self, data: str | list[str], heads: str | None) -> TrainRunConfig:
-        return replace(self.train, data=data, heads=heads, model=self.model, fields=self.fields,
-                       template=self.template, train=replace(self.train.train, seed=self.seed))
+        return replace(self.train, data=data, heads=heads)
 
     def reference_config(self) -> ReferenceRunConfig:
-        return replace(self.reference, pool=self.pool, model=self.model, train=self.train_config("", None).train,
-                       fields=self.fields, template=self.template,
-                       estimate=replace(self.reference.estimate, seed=self.seed))
+        return self.reference
 
     def plan_config(self) -> PlanConfig:
         t, proxy, mine = self.train.train, self.localize.proxy, self.mine
@@ -187,10 +199,16 @@ def _stage_options(cfg: RunConfig) -> dict[str, dict]:
         "mine": asdict(mine) | {"inputs": {
             "pool": input_digest(cfg.pool),
             "target": input_digest(target_source(mine)) if (mine.target or mine.domain) else None}},
-        "train": asdict(cfg.train_config("", None)),
-        "reference": asdict(cfg.reference_config()) | {"inputs": {"pool": input_digest(cfg.pool),
-                                                                  "model": model_digest(cfg.model)}},
+        "train": _computing(asdict(cfg.train_config("", None))),
+        "reference": _computing(asdict(cfg.reference_config())) | {"inputs": {"pool": input_digest(cfg.pool),
+                                                                              "model": model_digest(cfg.model)}},
     }
+
+
+def _computing(stage: dict) -> dict:
+    """A stage key without the loop fields that never change what is computed (p2d.trainer.NOT_IN_KEY):
+    changing how often a run checkpoints or logs resumes it instead of starting over."""
+    return stage | {"train": {k: v for k, v in stage["train"].items() if k not in NOT_IN_KEY}}
 
 
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = None, progress: bool = True,
@@ -199,7 +217,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     if from_stage is not None and from_stage not in STAGE_ORDER:
         raise P2DError(f"--from-stage must be one of {', '.join(STAGE_ORDER)}, got {from_stage!r}")
     cfg.validate()
-    run_dir = Path(run_dir).resolve()  # stage summaries hold absolute paths: a rerun from elsewhere finds them
+    run_dir = Path(run_dir).resolve()  # absolute: the stages' own paths; their summaries store them relative
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "run.json", {"config": asdict(cfg)})
     proxy_data = None if cfg.localize.task_model else proxy_source(cfg.localize_config())

@@ -14,7 +14,7 @@ from p2d import P2DError
 from p2d.geometry import AttentionGeometry
 from p2d.io import write_json, write_text
 from p2d.models import DEFAULT_MODEL, load_model
-from p2d.trainer import TrainConfig
+from p2d.trainer import NOT_IN_KEY, TrainConfig
 
 console = Console(stderr=True)
 HEAD_SCOPES = ("heads", "alps", "random", "lc")
@@ -25,6 +25,11 @@ SCOPES = (*HEAD_SCOPES, "full", "no-attn", "lora", "qkv")
 DEFAULT_LR = {"heads": 1e-3, "random": 1e-3, "lc": 1e-3, "lora": 1e-3,
               "alps": 5e-5, "full": 5e-5, "no-attn": 5e-5, "qkv": 5e-5}
 DEFAULT_EPOCHS = 2
+DEFAULT_MAX_LENGTH = 256  # tokens per training sample
+
+
+def default_lr(scope: str) -> float:
+    return DEFAULT_LR.get(scope, DEFAULT_LR["full"])
 
 
 @dataclass
@@ -42,9 +47,9 @@ class TrainRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        from p2d.data import pool_spec, sources_of
+        from p2d.data import pool_spec
 
-        self.data = pool_spec(sources_of(self.data))
+        self.data = pool_spec(self.data)
 
     def validate(self) -> None:
         from p2d.tokens import check_template
@@ -96,7 +101,7 @@ def run_key(cfg: TrainRunConfig, heads, data) -> str:
     from p2d.features import fingerprint
     from p2d.models import model_digest
 
-    options = {k: v for k, v in asdict(cfg.train).items() if k not in ("save_every", "log_every", "deepspeed")}
+    options = {k: v for k, v in asdict(cfg.train).items() if k not in NOT_IN_KEY}
     blob = {"model": model_digest(cfg.model), "data": fingerprint(data), "heads": heads, "scope": cfg.scope,
             "kv_scope": cfg.kv_scope, "train_o": cfg.train_o, "lora_rank": cfg.lora_rank, "train": options,
             "template": cfg.template,

@@ -237,3 +237,13 @@ def test_mining_window_reads_the_prompt_and_the_first_response_tokens():
     first = next(j for j, x in enumerate(full.labels) if x != IGNORE)
     assert short.input_ids == full.input_ids[: first + 4]  # the whole prompt, then 4 answer tokens
     assert sum(x != IGNORE for x in short.labels) == 4
+
+
+def test_source_names_are_unique_and_keep_id_less_rows_apart(tmp_path):
+    from p2d.data import iter_examples, source_names
+
+    assert source_names(["x/a.jsonl", "a-2.jsonl", "y/a.json", "p2d:default"]) == ["a", "a-2", "a-3", "default"]
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text(json.dumps({"instruction": "i", "output": "o"}) + "\n")
+    ids = [e.id for chunk in iter_examples([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) for e in chunk]
+    assert ids == ["a/0", "b/0"]

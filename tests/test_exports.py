@@ -72,6 +72,30 @@ def test_chat_and_question_answer_schemas(tmp_path):
     assert ds["type"]["field_instruction"] == "question" and ds["type"]["field_output"] == "answer"
 
 
+def test_two_conversation_sources_of_other_schemas_export_one_trl_format(tmp_path):
+    """ShareGPT (conversations/from/value) and OpenAI (messages/role/content) sources: each source's rows keep
+    their schema in selected/NAME.jsonl, and trl.jsonl reads each row with its own source's schema."""
+    from p2d.data import iter_examples
+
+    share = tmp_path / "share.json"
+    share.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"h{i}"}, {"from": "gpt", "value": f"g{i}"}]}
+                                 for i in range(3)]))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    ex = [e for chunk in iter_examples([str(share), str(chat)]) for e in chunk]
+    assert [e.id for e in ex] == ["share/0", "share/1", "share/2", "chat/0", "chat/1", "chat/2", "chat/3"]
+    res = result_for([e.id for e in ex], [True] * len(ex))
+    export_subset(tmp_path / "out", ex, res, sources=["share", "chat"])
+    trl = [json.loads(line) for line in (tmp_path / "out" / "trl.jsonl").read_text().splitlines()]
+    assert trl[0] == {"messages": [{"role": "user", "content": "h0"}, {"role": "assistant", "content": "g0"}]}
+    assert trl[3] == {"messages": CHAT[0]["messages"]}
+    info = json.loads((tmp_path / "out" / "dataset_info.json").read_text())
+    assert info["p2d_selected_share"]["columns"] == {"messages": "conversations"}
+    assert info["p2d_selected_chat"]["columns"] == {"messages": "messages"}
+    with open(tmp_path / "out" / "scores.csv", encoding="utf-8") as f:
+        assert [r["source"] for r in csv.DictReader(f)] == ["share"] * 3 + ["chat"] * 4
+
+
 def test_export_errors(tmp_path):
     ex = examples([{"foo": 1}, {"foo": 2}])
     with pytest.raises(P2DError, match="foo"):

@@ -151,10 +151,12 @@ def test_bad_pool_fails_at_mine_and_keeps_earlier_stages(finished, tiny_model, s
                                            ("proxy", {"localize": {"proxy": {"lr": 1e-3}}}),
                                            ("train", {"train": {"kv_scope": "none"}}),
                                            ("train reference", {"train": {"train": {"warmup_ratio": 0.2}}}),
-                                           ("reference", {"reference": {"measure": True}})])
+                                           ("reference", {"reference": {"measure": True}}),
+                                           ("", {"train": {"train": {"save_every": 7, "tensorboard": True}}})])
 def test_every_field_of_a_stage_config_is_in_its_cache_key(tiny_model, small_pool, stage, change):
     """Options that run.py never names (most here: ones `p2d run` has no flag for) still change their
-    stage's key; the training loop's change the reference's too, which trains with the same loop."""
+    stage's key; the training loop's change the reference's too, which trains with the same loop; how
+    often a run checkpoints, or whether it logs to TensorBoard, changes none."""
     from dataclasses import replace
 
     from p2d.pipelines.run import _stage_options
@@ -167,9 +169,18 @@ def test_every_field_of_a_stage_config_is_in_its_cache_key(tiny_model, small_poo
     assert [s for s in before if before[s] != after[s]] == stage.split()
 
 
-def test_run_rejects_an_unknown_option(tiny_model, small_pool):
-    with pytest.raises(P2DError, match="no option 'data_fraction'"):
-        config(tiny_model, small_pool, data_fraction=0.1)
+@pytest.mark.parametrize("name", ["data_fraction", "heads", "data", "train", "proxy"])
+def test_run_rejects_what_is_not_an_option(name):
+    with pytest.raises(P2DError, match=f"no option '{name}'"):
+        RunConfig.from_options(**{name: 0.1})
+
+
+def test_run_json_of_another_layout_is_a_clear_error(tiny_model, small_pool):
+    from dataclasses import asdict
+
+    recorded = asdict(config(tiny_model, small_pool)) | {"data_frac": 0.1}
+    with pytest.raises(P2DError, match="no field data_frac"):
+        RunConfig.from_json(recorded)
 
 
 @pytest.mark.parametrize("kw, match", [({"data_frac": 0.0}, "data-frac"), ({"head_frac": 2.0}, "head-frac"),
