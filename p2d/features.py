@@ -392,7 +392,7 @@ def _forward(model, geom, batch: list[Tokenized], kind: str, units: list, poolin
         return cap.features(), nll, int(enc["attention_mask"].sum())
 
 
-def nll_pass(model, tokenized: list[Tokenized], batch_size: int, max_tokens: int) -> tuple[torch.Tensor, int]:
+def nll_pass(model, tokenized: Sequence[Tokenized], batch_size: int, max_tokens: int) -> tuple[torch.Tensor, int]:
     """Mean response loss of each sample (in the given order) and the tokens forwarded."""
     device = next(model.parameters()).device
     out = torch.empty(len(tokenized), dtype=torch.float64)

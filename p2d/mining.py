@@ -49,7 +49,7 @@ import torch
 from p2d import P2DError
 from p2d.features import extract_features, nll_pass, response_only, start_token
 from p2d.geometry import AttentionGeometry
-from p2d.tokens import IGNORE, Tokenized, sample_ids, token_lengths
+from p2d.tokens import IGNORE, Rows, Tokenized, sample_ids, token_lengths
 
 SELECTORS = ("p2d", "p2d-paper", "rds", "ifd", "random", "embedding-mid", "embedding-last")
 QUALITIES = ("none", "nll", "ifd", "ifd-rank", "reducible")
@@ -473,10 +473,11 @@ def mine(model, pool: Sequence[Tokenized], target: list[Tokenized], *, data_frac
             t1 = time.perf_counter()
             with torch.inference_mode():
                 if quality == "reducible":
-                    second, _ = nll_pass(task_model, [pool[i] for i in listed], batch_size, max_tokens)
+                    second, _ = nll_pass(task_model, Rows(listed, pool.__getitem__), batch_size, max_tokens)
                     values = res.quality[listed] - second.numpy()
                 else:
-                    second, _ = nll_pass(model, [response_only(pool[i], start_token(tokenizer)) for i in listed],
+                    start = start_token(tokenizer)
+                    second, _ = nll_pass(model, Rows(listed, lambda i: response_only(pool[i], start)),
                                          batch_size, max_tokens)
                     values = res.quality[listed] / second.numpy()
             summary["timings"]["shortlist_s"] = round(time.perf_counter() - t1, 3)

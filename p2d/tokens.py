@@ -6,7 +6,7 @@ same thing everywhere: the loss and the pooled head features cover exactly the l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -87,6 +87,20 @@ class PackedTokens(Sequence):
 
     def lengths(self) -> list[int]:
         return np.diff(self.offsets).tolist()
+
+
+class Rows(Sequence):
+    """`make(i)` for each i of `index`, built when read: a shortlist of a million-row pool is never held
+    as Python lists at once (hundreds of MB at 300k rows)."""
+
+    def __init__(self, index: Sequence[int], make: Callable[[int], Tokenized]):
+        self.index, self.make = index, make
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, j: int) -> Tokenized:
+        return self.make(int(self.index[j]))
 
 
 def token_lengths(tokenized: Sequence[Tokenized]) -> list[int]:
