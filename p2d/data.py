@@ -486,11 +486,12 @@ def _record_chunks(source: str, chunk_rows: int) -> Iterator[Records]:
 def load_examples(source: Sources, fields: FieldMap | dict | str | None = None, template: str = "alpaca",
                   domain: str | None = None, limit: int | None = None) -> list[Example]:
     """`load_records` + `to_examples`; `limit` keeps the first N records (of a single source)."""
-    if not isinstance(source, (str, os.PathLike)) and len(sources_of(source)) > 1:
+    sources = sources_of(source)
+    if len(sources) > 1:
         if limit is not None:
             raise DataError("a record limit applies to one data source, not several")
-        return [e for chunk in iter_examples(source, fields, template, domain) for e in chunk]
-    source = sources_of(source)[0]
+        return [e for chunk in iter_examples(sources, fields, template, domain) for e in chunk]
+    source = sources[0]
     records = load_records(source)
     if limit is not None:
         records = Records(records[:limit], records.lines[:limit] if getattr(records, "lines", None) else None)
