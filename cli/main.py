@@ -17,7 +17,7 @@ from p2d.masking import KV_SCOPES
 from p2d.mining import DIVERSITIES, HEAD_SETS, INDEXES, QUALITIES, SELECTORS
 from p2d.pipelines.run import SCOPES as RUN_SCOPES
 from p2d.pipelines.run import STAGE_ORDER
-from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_MAX_LENGTH
+from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_MAX_LENGTH, default_lr
 from p2d.pipelines.train import SCOPES as TRAIN_SCOPES
 from p2d.plan import PEAK_BF16_TFLOPS
 from p2d.selection import METHODS
@@ -261,7 +261,6 @@ def launcher_rank(kw: dict) -> None:
 
 
 def train_config(kw: dict):
-    from p2d.pipelines.train import default_lr
     from p2d.trainer import TrainConfig
 
     launcher_rank(kw)
