@@ -16,7 +16,8 @@ defaults: `p2d` (`--diversity none`: the top rows by head affinity and IFD rank,
 until session 5), `p2d-div` (`--diversity facility`: the same scores, then facility location over
 the top 2x; read off the p2d run), `p2d-divq` (`--diversity facility-quality`, **the default**:
 the same without the shortlist's worst third by IFD), `p2d-divq-w16` (the default, mined with
-`--mining-window 16`: each sample's prompt and first 16 response tokens, ~0.6 of the tokens), `p2d-paper` (the same ALPS-head affinity, no
+`--mining-window 16`: each sample's prompt and first 16 response tokens, ~0.6 of the tokens),
+`p2d-divq-bf16` (the default, its pool pass in bfloat16: `--mining-dtype bfloat16`), `p2d-paper` (the same ALPS-head affinity, no
 quality signal: read off the p2d run, which computes exactly it), `rds`, `ifd`, and `random` (3
 seeds). `random-tok` draws random rows until it holds as many tokens as the default subset (the
 equal-token comparison).
@@ -32,6 +33,7 @@ scope, carries the result. Results accumulate in --results, so the run can be st
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import shutil
 import sys
@@ -41,6 +43,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import DOCS, command, emit, table  # noqa: E402
@@ -66,7 +69,9 @@ PROXY_ROWS = 64  # `p2d localize` trains its proxy on the first 64 rows of the c
 POOL = dict(codealpaca=250, stdlib=100, gsm8k=250, generated=100, general=200, corrupt_code=50, corrupt_math=50)
 QUICK_POOL = dict(codealpaca=10, stdlib=4, gsm8k=10, generated=4, general=8, corrupt_code=2, corrupt_math=2)
 IN_DOMAIN = {"code": ("codealpaca", "stdlib"), "math": ("gsm8k", "generated")}
-SELECTIONS = ("p2d", "p2d-div", "p2d-divq", "p2d-divq-w16", "p2d-paper", "rds", "ifd", "random", "random-tok")
+SELECTIONS = ("p2d", "p2d-div", "p2d-divq", "p2d-divq-w16", "p2d-divq-bf16", "p2d-paper", "rds", "ifd", "random",
+              "random-tok")
+MINED = tuple(s for s in SELECTIONS if not s.startswith("random"))
 WINDOW = 16  # the mining window of p2d-divq-w16: issue #10's profile kept precision at 8-16 response tokens
 DEFAULT = "p2d-divq"  # what `p2d mine` selects at its defaults (--diversity facility-quality)
 DEFAULT_CELLS = ["p2d/heads", "random/heads", "rds/heads", "p2d-div/heads", "p2d-divq/heads", "p2d-paper/heads",
@@ -170,6 +175,12 @@ def mine_selections(domain: str, model, tok, pool: list[Example], target: list[E
         _, sel = select(res.ids, diversify(res.ids, res.score, res.features, math.ceil(frac * len(pool)), excluded),
                         frac)
         out["p2d-divq"] = {"ids": _ids(res.ids, sel), "seconds": out["p2d"]["seconds"] + time.perf_counter() - t0}
+    if "p2d-divq-bf16" in todo:  # `p2d mine --mining-dtype bfloat16` at its defaults: the pool pass in bf16
+        t0 = time.perf_counter()
+        r = mine(copy.deepcopy(model).to(torch.bfloat16), pool_t, target_t, selector="p2d", heads=heads,
+                 quality=cfg.quality, diversity=cfg.diversity,
+                 task_model=copy.deepcopy(task_model).to(torch.bfloat16) if task_model is not None else None, **kw)
+        out["p2d-divq-bf16"] = {"ids": _ids(r.ids, r.selected), "seconds": time.perf_counter() - t0}
     if "p2d-divq-w16" in todo:  # `p2d mine --mining-window 16` at its defaults (facility-quality)
         t0 = time.perf_counter()
         r = mine(model, tokenize(pool, tok, cfg.max_length, window=WINDOW),
@@ -255,7 +266,7 @@ def summarize(res: dict) -> tuple[str, dict]:
 def _verdicts(groups: dict, sets: dict) -> list[str]:
     """Plain sentences: each p2d variant against each random seed and the other selectors, per held-out set."""
     out = []
-    for name in ("p2d/heads", "p2d-div/heads", "p2d-divq/heads", "p2d-divq-w16/heads"):
+    for name in ("p2d/heads", "p2d-div/heads", "p2d-divq/heads", "p2d-divq-w16/heads", "p2d-divq-bf16/heads"):
         if name in groups:
             out += _verdicts_of(name, groups, sets)
     return out or ["p2d/heads not run yet."]
@@ -336,8 +347,7 @@ def main() -> None:
     count = math.ceil(args.data_frac * len(pool))
     store = Path(tempfile.gettempdir()) / f"p2d-selection-store-{'quick' if args.quick else 'full'}"
     for d in args.domains:
-        todo = {k for k in ("p2d", "p2d-div", "p2d-divq", "p2d-divq-w16", "p2d-paper", "rds", "ifd")
-                if f"{d}/{k}" not in res["selections"]}
+        todo = {k for k in MINED if f"{d}/{k}" not in res["selections"]}
         if todo:
             print(f"mining {d}: {', '.join(sorted(todo))}", flush=True)
             mined = mine_selections(d, model, tok, pool, to_examples(targets[d], f"{d}-target"), heads_paths[d],

@@ -15,6 +15,7 @@ from p2d.cards import available_domains
 from p2d.features import FEATURE_DTYPES, POOLINGS
 from p2d.masking import KV_SCOPES
 from p2d.mining import DIVERSITIES, HEAD_SETS, INDEXES, QUALITIES, SELECTORS
+from p2d.models import COMPUTE_DTYPES
 from p2d.pipelines.run import SCOPES as RUN_SCOPES
 from p2d.pipelines.run import STAGE_ORDER
 from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_MAX_LENGTH, default_lr
@@ -183,6 +184,9 @@ def mine_options(f):
         click.option("--dedup", default=None, type=float, help="Drop samples whose cosine to a kept one is >= this."),
         click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default="float32",
                      help="How the feature store keeps features: float16 halves its disk and memory (large pools)."),
+        click.option("--mining-dtype", type=click.Choice(COMPUTE_DTYPES), default="auto",
+                     help="Precision of the pool pass: bfloat16 is ~2x faster where the hardware has it (GPUs, "
+                          "CPUs with AVX512-BF16 or AMX); auto takes it there and float32 elsewhere."),
         click.option("--selector", type=click.Choice(SELECTORS), default="p2d",
                      help="p2d (head affinity + quality), or a baseline: p2d-paper (head affinity alone), rds "
                           "(RDS+), ifd (Superfiltering), random, embedding-mid/-last."),
@@ -378,6 +382,8 @@ def run(out: str | None, from_stage: str | None, **kw) -> None:
 @click.option("--scope", type=click.Choice(RUN_SCOPES), default="heads", help=scope_help(RUN_SCOPES))
 @click.option("--epochs", default=DEFAULT_EPOCHS, help="Epochs, for p2d's training and for the reference alike.")
 @click.option("--max-length", default=DEFAULT_MAX_LENGTH, help="Training tokens per sample.")
+@click.option("--mining-dtype", "mine_dtype", type=click.Choice(COMPUTE_DTYPES), default="auto",
+              help="Precision mining will compute in (as `p2d mine --mining-dtype`).")
 @click.option("--hardware", type=click.Choice(("calibrate", *PEAK_BF16_TFLOPS)), default="calibrate",
               help="calibrate: measure this machine once (cached); or a GPU's bf16 peak times --mfu.")
 @click.option("--mfu", default=0.4, type=float, help="Model FLOP utilisation assumed with a named GPU.")

@@ -170,7 +170,7 @@ class FeatureStore:
         """Create the store, or check that an existing one was made from the same inputs."""
         meta_path = self.path / "meta.json"
         if meta_path.is_file():
-            old = {"dtype": "float32"} | read_json(meta_path)  # stores written before the dtype was recorded
+            old = {"dtype": "float32", "compute_dtype": "float32"} | read_json(meta_path)  # older stores: fp32
             diff = [k for k in meta if old.get(k) != meta[k]]
             if diff:
                 what = "; ".join(f"{k}: store has {_short(old.get(k))}, this run {_short(meta[k])}" for k in diff)
@@ -281,7 +281,8 @@ def extract_features(model, tokenized: Sequence[Tokenized], *, heads: Iterable[t
     if store:
         meta = {"model_id": model_id, "kind": kind, "units": [list(u) if kind == "heads" else u for u in units],
                 "pooling": pooling, "quality": quality, "fingerprint": fingerprint(tokenized),
-                "n_samples": len(tokenized), "dim": dim, "dtype": dtype}
+                "n_samples": len(tokenized), "dim": dim, "dtype": dtype,
+                "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
         if rank == 0:
             store.open(meta)
         if world > 1:

@@ -29,7 +29,8 @@ PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0}
 CALIBRATION_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64, vocab_size=49152)
 STAGES = ("proxy", "localize", "mine", "train", "reference")
-CALIBRATION_VERSION = 3  # part of the cache key: a changed measurement is taken again
+CALIBRATION_VERSION = 4  # part of the cache key: a changed measurement is taken again
+CALIBRATION_ROUNDS = 3
 SPARSE_SCOPES = ("heads", *HEAD_ALIASES)  # trained at the head-sparse rate: per FLOP cheaper than full training
 
 
@@ -45,6 +46,7 @@ class PlanConfig:
     mine_max_length: int = 128
     mine_window: int | None = None  # response tokens mining reads (p2d mine --mining-window)
     mine_batch_size: int = 16
+    mine_dtype: str = "auto"  # p2d.models.COMPUTE_DTYPES: bf16 mining runs at the calibrated bf16 rate
     mine_max_tokens: int = 8192
     shortlist: int = 3  # p2d.mining.SHORTLIST: the response-only pass over shortlist x subset rows
     target_rows: int = 64
@@ -66,6 +68,10 @@ class PlanConfig:
             raise P2DError(f"--mfu must be in (0, 1], got {self.mfu}")
         if self.hardware != "calibrate" and self.hardware not in PEAK_BF16_TFLOPS:
             raise P2DError(f"--hardware must be calibrate or one of {', '.join(PEAK_BF16_TFLOPS)}, got {self.hardware!r}")
+        from p2d.models import COMPUTE_DTYPES
+
+        if self.mine_dtype not in COMPUTE_DTYPES:
+            raise P2DError(f"--mining-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.mine_dtype!r}")
 
 
 @dataclass
@@ -209,7 +215,14 @@ def _cpu_model() -> str:
 
 
 def calibrate(force: bool = False) -> dict:
-    """Achieved FLOP/s of forward passes and of full training steps on this machine (cached per machine)."""
+    """Achieved FLOP/s of forward passes (fp32, and bf16 where the hardware has it) and of training
+    steps (all weights, and 10% of heads) on this machine, cached per machine.
+
+    The four kinds are timed in interleaved rounds and each rate is a median over rounds, so a
+    drift of the shared machine's speed during calibration moves every rate alike.
+    """
+    import copy
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -217,7 +230,7 @@ def calibrate(force: bool = False) -> dict:
     from p2d.io import read_json, write_json
     from p2d.loss import forward_token_nll
     from p2d.masking import apply_scope
-    from p2d.models import cache_dir, default_device
+    from p2d.models import cache_dir, default_device, native_bf16
     from p2d.tokens import IGNORE, Tokenized
     from p2d.trainer import TrainConfig, time_steps
 
@@ -238,35 +251,46 @@ def calibrate(force: bool = False) -> dict:
         labels[:, :prompt] = IGNORE
         return ids, labels
 
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     # the shapes p2d runs: mining batches of up to 8192 tokens over 128-token windows, training 4 x 256
     ids, labels = batch(32, 128, 64)
     enc = {"input_ids": ids.to(model.device), "attention_mask": torch.ones_like(ids).to(model.device),
            "labels": labels.to(model.device)}
-    with torch.inference_mode():
-        forward_token_nll(model, enc)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            forward_token_nll(model, enc)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        fwd_s = (time.perf_counter() - t0) / 3
     fwd_flops = forward(shape, [(32, 128)], int((labels[:, 1:] != IGNORE).sum()))
+    forwards = {"forward": model} | ({"bf16_forward": copy.deepcopy(model).to(torch.bfloat16)}
+                                     if native_bf16() else {})
     rows, width, prompt = 4, 256, 96
     ids, labels = batch(rows, width, prompt)
     data = [Tokenized(str(i), ids[i].tolist(), labels[i].tolist()) for i in range(rows)]
     n_labels = int((labels[:, 1:] != IGNORE).sum())
-    model.train().requires_grad_(True)
-    seconds = time_steps(model, data, 0, TrainConfig(batch_size=rows, lr=1e-5), [[list(range(rows))]] * 4)[1:]
-    step = train_step(shape, [(rows, width)], n_labels, trainable_for("full", shape))
-    # the heads scope as the plan assumes it (10% of heads, one in layer 0): less runs per step, and it runs faster
-    heads = assumed_heads(shape, 0.1)
-    apply_scope(model, AttentionGeometry.from_config(config), "heads", heads)
-    head_seconds = time_steps(model, data, 0, TrainConfig(batch_size=rows, lr=1e-5), [[list(range(rows))]] * 4)[1:]
-    head_step = train_step(shape, [(rows, width)], n_labels, trainable_for("heads", shape, heads))
-    result = {"forward_flops_per_s": fwd_flops / fwd_s, "train_flops_per_s": step / float(np.median(seconds)),
-              "head_train_flops_per_s": head_step / float(np.median(head_seconds)),
-              "method": f"measured on {key}: SmolLM2-135M-shaped model, forward 32x128, training steps 4x256 "
-                        "(all weights, and 10% of heads)"}
+    heads = assumed_heads(shape, 0.1)  # the heads scope as the plan assumes it (10% of heads, one in layer 0)
+    full_model, heads_model = (copy.deepcopy(model).train().requires_grad_(True) for _ in range(2))
+    apply_scope(heads_model, AttentionGeometry.from_config(config), "heads", heads)
+    trainers = {"train": (full_model, train_step(shape, [(rows, width)], n_labels, trainable_for("full", shape))),
+                "head_train": (heads_model, train_step(shape, [(rows, width)], n_labels,
+                                                       trainable_for("heads", shape, heads)))}
+    times: dict[str, list[float]] = {}
+    with torch.inference_mode():  # warm-up: the first pass of each kind allocates
+        for m in forwards.values():
+            forward_token_nll(m, enc)
+    for _ in range(CALIBRATION_ROUNDS):
+        for name, m in forwards.items():
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                forward_token_nll(m, enc)
+                sync()
+                times.setdefault(name, []).append(time.perf_counter() - t0)
+        for name, (m, _) in trainers.items():  # each call's first step sets up the optimizer: not counted
+            times.setdefault(name, []).extend(
+                time_steps(m, data, 0, TrainConfig(batch_size=rows, lr=1e-5), [[list(range(rows))]] * 3)[1:])
+    flops = {name: fwd_flops for name in forwards} | {name: step for name, (_, step) in trainers.items()}
+    result = {f"{name}_flops_per_s": flops[name] / float(np.median(t)) for name, t in times.items()}
+    result["method"] = (f"measured on {key}: SmolLM2-135M-shaped model, forward 32x128 (fp32"
+                        + (" and bf16" if "bf16_forward" in forwards else "") + "), training steps 4x256 "
+                        f"(all weights, and 10% of heads), {CALIBRATION_ROUNDS} interleaved rounds, medians")
     write_json(path, cached | {key: result})
     return result
 
@@ -279,7 +303,8 @@ def rates(cfg: PlanConfig) -> dict:
 
         raise P2DError(f"--hardware must be calibrate or one of {', '.join(PEAK_BF16_TFLOPS)}, got {cfg.hardware!r}")
     rate = PEAK_BF16_TFLOPS[cfg.hardware] * 1e12 * cfg.mfu
-    return {"forward_flops_per_s": rate, "train_flops_per_s": rate, "head_train_flops_per_s": rate,
+    return {"forward_flops_per_s": rate, "bf16_forward_flops_per_s": rate, "train_flops_per_s": rate,
+            "head_train_flops_per_s": rate,
             "method": f"{cfg.hardware} dense bf16 peak {PEAK_BF16_TFLOPS[cfg.hardware]:g} TFLOP/s × assumed MFU {cfg.mfu}"}
 
 
@@ -291,14 +316,19 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
     r = rates(cfg)
     gpu = cfg.hardware != "calibrate"
     bytes_per = 2 if gpu else 4
+    # mining in bf16: on GPUs, and on a CPU whose calibration measured a native bf16 rate (auto), or when asked
+    bf16_mine = "bf16_forward_flops_per_s" in r and cfg.mine_dtype != "float32"
     stages = {}
     for name, st in flops.items():
         rate = r["forward_flops_per_s"] if st["kind"] != "train" else \
             r["head_train_flops_per_s"] if st["trainable"] in SPARSE_SCOPES else r["train_flops_per_s"]
+        stage_bytes = bytes_per
+        if name == "mine" and bf16_mine:
+            rate, stage_bytes = r["bf16_forward_flops_per_s"], 2
         t = trainable_for(st.get("trainable", "full"), shape, assumed_heads(shape, cfg.head_frac), kv_scope=cfg.kv_scope) \
             if st["kind"] == "train" else Trainable()
         stages[name] = {"flops": st["flops"], "seconds": st["flops"] / rate,
-                        "peak_memory_bytes": peak_memory(shape, st, cfg, bytes_per, trainable_params(shape, t))}
+                        "peak_memory_bytes": peak_memory(shape, st, cfg, stage_bytes, trainable_params(shape, t))}
     p2d_flops = sum(stages[s]["flops"] for s in STAGES if s != "reference")
     p2d_seconds = sum(stages[s]["seconds"] for s in STAGES if s != "reference")
     ref = stages["reference"]
@@ -313,6 +343,9 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
                             "the subset's lengths are the pool's (no target given: a seeded random sample of its size)",
                             "one selected head sits in layer 0, so heads training back-propagates through every layer",
                             f"epochs: {cfg.epochs} on both sides (p2d's training and the reference)",
+                            "mining computes in " + ("bf16" if bf16_mine else "fp32") + (
+                                " (bf16 asked, but this CPU has no native bf16: it runs far slower than planned)"
+                                if cfg.mine_dtype == "bfloat16" and not bf16_mine else ""),
                             "peak memory is approximate (p2d/plan.py: peak_memory)"]}
 
 

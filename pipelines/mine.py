@@ -43,6 +43,7 @@ class MineConfig:
     dedup: float | None = None
     index: str = "auto"
     feature_dtype: str = "float32"  # p2d.features.FEATURE_DTYPES: float16 halves the feature store of a large pool
+    mining_dtype: str = "auto"  # p2d.models.COMPUTE_DTYPES: the precision the pool pass computes in
     max_length: int = 128  # tokens read per sample: the prompt and the start of the response place it
     window: int | None = None  # and of the response at most this many (None: as many as max_length allows)
     template: str = "auto"  # p2d.tokens.TEMPLATES: the prompt format samples are read in (as trained)
@@ -91,7 +92,10 @@ class MineConfig:
             raise P2DError(f"--diversity facility-quality needs --quality {' or '.join(SHORTLISTED)}, "
                            f"got {self.quality!r}")
         from p2d.features import FEATURE_DTYPES, POOLINGS
+        from p2d.models import COMPUTE_DTYPES
 
+        if self.mining_dtype not in COMPUTE_DTYPES:
+            raise P2DError(f"--mining-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.mining_dtype!r}")
         if self.feature_dtype not in FEATURE_DTYPES:
             raise P2DError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.feature_dtype!r}")
         if self.pooling not in POOLINGS:
@@ -140,7 +144,7 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
     from p2d.data import load_examples, load_tokens, select_examples, source_names, sources_of
     from p2d.exports import export_subset
     from p2d.mining import mine
-    from p2d.models import load_model
+    from p2d.models import compute_dtype, load_model
     from p2d.selection import read_heads_json
     from p2d.tokens import resolve_template, tokenize
 
@@ -151,12 +155,13 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
     geom = AttentionGeometry.from_config(load_config(cfg.model))
     heads = read_heads_json(cfg.heads, geom).heads if cfg.heads else None  # wrong model: fails before any work
     start = time.perf_counter()
-    model, tok = load_model(cfg.model)
+    dtype = compute_dtype(cfg.mining_dtype)
+    model, tok = load_model(cfg.model, dtype)
     template = resolve_template(cfg.template, tok)
     pool = load_tokens(cfg.data, tok, cfg.max_length, template, cfg.fields, cfg.window)  # packed: a million rows fit
     tsource = target_source(cfg) if (cfg.target or cfg.domain) else None
     target = load_examples(tsource, domain=cfg.domain, template=template) if tsource else []
-    task_model = load_model(cfg.task_model_path())[0] if cfg.needs_task_model() else None
+    task_model = load_model(cfg.task_model_path(), dtype)[0] if cfg.needs_task_model() else None
     load_s = time.perf_counter() - start
     if rank == 0:
         console.print(f"[bold]mine[/] {len(pool)} pool samples from {cfg.data}, target {len(target)} from {tsource}, "
@@ -178,7 +183,7 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
                           axolotl=axolotl_settings(model, heads, resolve_model(cfg.model)),
                           sources=source_names(cfg.data))
     summary = {"model": cfg.model, "pool": cfg.data, "target": tsource, "heads_file": cfg.heads, "template": template,
-               "window": cfg.window,
+               "window": cfg.window, "mining_dtype": str(dtype).removeprefix("torch."),
                "task_model": cfg.task_model_path() if cfg.needs_task_model() else None,
                "mining_heads": cfg.mining_heads if cfg.selector == "p2d" else None, **result.summary,
                "outputs": {k: str(v) for k, v in paths.items()}}

@@ -157,7 +157,7 @@ class RunConfig:
         return PlanConfig(data_frac=mine.data_frac, head_frac=self.localize.head_frac, scope=self.train.scope,
                           kv_scope=self.train.kv_scope, epochs=t.epochs if t.max_steps is None else 1,
                           train_batch_size=t.batch_size * t.grad_accum, train_max_length=t.max_length,
-                          mine_max_length=mine.max_length, mine_window=mine.window,
+                          mine_max_length=mine.max_length, mine_window=mine.window, mine_dtype=mine.mining_dtype,
                           proxy_samples=proxy.samples, proxy_steps=0 if self.localize.task_model else proxy.steps,
                           proxy_batch_size=proxy.batch_size, proxy_max_length=proxy.max_length, seed=self.seed)
 

@@ -81,7 +81,7 @@ def cases():
                      ("--batch-size", "0"), ("--selector", "best"), ("--quality", "great"), ("--diversity", "dpp"),
                      ("--index", "hnsw"), ("--pooling", "sum"), ("--mining-heads", "best"),
                      ("--mining-max-layer", "-1"), ("--data-frac", "abc"), ("--mining-window", "0"),
-                     ("--template", "chat"), ("--template", "chatml")]:
+                     ("--template", "chat"), ("--template", "chatml"), ("--mining-dtype", "fp8")]:
         out.append((f"mine{opt}={val}", m(opt, val), opt))
     out += [("mine-facility-quality-nll", m("--diversity", "facility-quality", "--quality", "nll"), "--diversity"),
             ("mine-reducible-no-task", lambda f, t, p: ["mine", "--model", t, "--heads", f["heads_other_model"],
@@ -108,7 +108,8 @@ def cases():
                      ("--lr", "0"), ("--epochs", "0"), ("--reference-steps", "0"), ("--eval-limit", "-1"),
                      ("--proxy-steps", "0"), ("--proxy-samples", "0"), ("--quality-weight", "nan"),
                      ("--scope", "qkv-all"), ("--from-stage", "report"), ("--domain", "poetry"), ("--kv-scope", "x"),
-                     ("--mining-window", "0"), ("--dedup", "2"), ("--template", "chat"), ("--pooling", "sum")]:
+                     ("--mining-window", "0"), ("--dedup", "2"), ("--template", "chat"), ("--pooling", "sum"),
+                     ("--mining-dtype", "half")]:
         out.append((f"run{opt}={val}", run(opt, val), opt))
     for opt, val in [("--head-frac", "0"), ("--head-frac", "2"), ("--proxy-steps", "0"), ("--metric", "l2"),
                      ("--head-method", "best")]:

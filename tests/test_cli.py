@@ -196,6 +196,32 @@ def test_float16_features_halve_the_store_and_keep_affinities(tiny_model, small_
     assert r.exit_code == 2 and "dtype" in r.output
 
 
+def test_bf16_mining_records_its_precision_and_keeps_the_ranking(tiny_model, small_pool, localized, tmp_path):
+    common = ("mine", "--model", tiny_model, "--heads", localized / "heads.json", "--data", small_pool, "--domain",
+              "code", "--data-frac", 0.25)
+    p2d(*common, "--mining-dtype", "float32", "--out", tmp_path / "f32")
+    p2d(*common, "--mining-dtype", "bfloat16", "--out", tmp_path / "bf16")
+    f32, bf16 = (json.loads((tmp_path / d / "mine.json").read_text()) for d in ("f32", "bf16"))
+    assert f32["mining_dtype"] == "float32" and bf16["mining_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "bf16" / "store" / "meta.json").read_text())["compute_dtype"] == "bfloat16"
+    (a, b) = ([row for row in csv.DictReader(open(tmp_path / d / "scores.csv", encoding="utf-8"))] for d in ("f32", "bf16"))
+    aff_a, aff_b = (np.array([float(r["affinity"]) for r in rows]) for rows in (a, b))
+    assert np.corrcoef(aff_a, aff_b)[0, 1] > 0.95  # bf16 rounding moves affinities a little, not the ranking
+    r = p2d(*common, "--mining-dtype", "bfloat16", "--out", tmp_path / "f32", ok=False)  # the store holds fp32 features
+    assert r.exit_code == 2 and "compute_dtype" in r.output
+
+
+def test_auto_mining_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    import torch
+
+    from p2d.models import compute_dtype
+
+    for native in (True, False):
+        monkeypatch.setattr("p2d.models.native_bf16", lambda device=None, native=native: native)
+        assert compute_dtype("auto") == (torch.bfloat16 if native else torch.float32)
+        assert compute_dtype("float32") == torch.float32 and compute_dtype("bfloat16") == torch.bfloat16
+
+
 @pytest.mark.parametrize("case", ["unknown selector", "no task model"])
 def test_mine_selector_errors_name_the_option(tiny_model, small_pool, localized, tmp_path, case):
     heads = localized / "heads.json"

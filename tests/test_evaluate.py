@@ -1,7 +1,6 @@
 import importlib.util
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -118,10 +117,8 @@ def test_canonical_solutions_pass(problems):
     ("    while True:\n        pass\n", "timed out"),
 ])
 def test_wrong_completions_fail(problems, completion, outcome):
-    start = time.perf_counter()
     result = ev.check_humaneval(problems[0], completion, timeout=2.0)
-    assert not result["passed"] and result["result"].startswith(outcome)
-    assert time.perf_counter() - start < 10
+    assert not result["passed"] and result["result"].startswith(outcome)  # an endless loop is stopped, not waited on
 
 
 def test_fenced_whole_function_is_extracted_and_passes(problems):
@@ -157,7 +154,10 @@ def test_evaluate_gsm8k_writes_results(tiny_model, char_tokenizer, tmp_path):
     result = ev.evaluate(tiny_model, eval_source=source, eval_task="gsm8k", tokenizer=char_tokenizer,
                          task_limit=2, max_new_tokens=4, out=out)
     assert result["nll_samples"] == 3 and math.isfinite(result["nll"])
-    assert result["task_samples"] == 2 and 0 <= result["gsm8k_em"] <= 1
+    assert result["task_samples"] == 2 and len(result["task_results"]) == 2
+    # the score is the share of problems whose parsed answer equals the "#### N" gold one
+    assert [r["gold"] for r in result["task_results"]] == ["1", "2"]
+    assert result["gsm8k_em"] == sum(r["pred"] == r["gold"] for r in result["task_results"]) / 2
     assert json.loads(out.read_text())["nll"] == pytest.approx(result["nll"])
 
 
@@ -185,8 +185,10 @@ def test_smollm2_end_to_end():
     model, tok = load_model("smollm2-135m", device="cpu")
     code = ev.evaluate(model, tokenizer=tok, eval_source=HUMANEVAL if HUMANEVAL.exists() else None,
                        eval_task="humaneval", nll_limit=2, task_limit=2, max_new_tokens=48)
-    assert 0 < code["nll"] < 10 and 0 <= code["humaneval_pass@1"] <= 1 and code["task_samples"] == 2
+    assert 0 < code["nll"] < 10 and code["task_samples"] == 2  # below a uniform guess over the vocabulary (10.8)
+    assert code["humaneval_pass@1"] == sum(r["passed"] for r in code["task_results"]) / 2
     if GSM8K.exists():
         math_ = ev.evaluate(model, tokenizer=tok, eval_source=GSM8K, eval_task="gsm8k", nll_limit=2,
                             task_limit=2, max_new_tokens=48)
-        assert 0 < math_["nll"] < 10 and 0 <= math_["gsm8k_em"] <= 1 and math_["task_samples"] == 2
+        assert 0 < math_["nll"] < 10 and math_["task_samples"] == 2
+        assert math_["gsm8k_em"] == sum(r["correct"] for r in math_["task_results"]) / 2

@@ -85,6 +85,25 @@ def test_the_subset_is_assumed_as_long_as_the_target_rows():
     assert planned["reference"] == stage_flops(shape, pool, cfg)["reference"]  # the reference trains the pool
 
 
+@pytest.mark.parametrize("mine_dtype", ["auto", "float32"])
+def test_mining_is_planned_at_the_rate_of_its_precision(monkeypatch, mine_dtype):
+    """Where the calibration measured native bf16, auto mining is planned at that rate and in 2-byte weights."""
+    rates = {"forward_flops_per_s": 1e11, "bf16_forward_flops_per_s": 2e11, "train_flops_per_s": 1e11,
+             "head_train_flops_per_s": 1e11, "method": "test"}
+    monkeypatch.setattr("p2d.plan.calibrate", lambda force=False: rates)
+    plan = make_plan(LLAMA_8B, lengths(), PlanConfig(mine_dtype=mine_dtype))
+    mine = plan["stages"]["mine"]
+    fp32 = make_plan(LLAMA_8B, lengths(), PlanConfig(mine_dtype="float32"))["stages"]["mine"]
+    bf16 = mine_dtype == "auto"
+    assert mine["seconds"] == pytest.approx(mine["flops"] / (2e11 if bf16 else 1e11))
+    assert mine["flops"] == fp32["flops"]  # the precision changes the rate, not the work
+    assert (mine["peak_memory_bytes"] < fp32["peak_memory_bytes"]) == bf16
+    assert any(("bf16" if bf16 else "fp32") in a for a in plan["assumptions"])
+    without = {k: v for k, v in rates.items() if k != "bf16_forward_flops_per_s"}  # a CPU with no native bf16
+    monkeypatch.setattr("p2d.plan.calibrate", lambda force=False: without)
+    assert make_plan(LLAMA_8B, lengths(), PlanConfig(mine_dtype=mine_dtype))["stages"]["mine"] == fp32
+
+
 def test_cli_plan_from_a_config_file(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(LLAMA_70B))
