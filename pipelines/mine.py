@@ -121,15 +121,29 @@ class MineConfig:
         return None
 
 
+BARRIER_TIMEOUT_H = 24  # ranks wait at a barrier while rank 0 alone runs a stage (p2d run's proxy: minutes to hours)
+
+
 def process_group() -> tuple[int, int, object]:
-    """(rank, world, barrier) under torchrun (WORLD_SIZE > 1; gloo: only barriers pass between ranks), else (0, 1, None)."""
+    """(rank, world, barrier) under torchrun (WORLD_SIZE > 1), else (0, 1, None).
+
+    gloo carries CPU tensors (mining passes only barriers), NCCL CUDA ones (DeepSpeed's training
+    reuses this group).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, None
+    import datetime
+
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(hours=BARRIER_TIMEOUT_H))
     return dist.get_rank(), world, dist.barrier
 
 

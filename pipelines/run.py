@@ -7,6 +7,7 @@ and everything after it. Changing a stage's options re-runs that stage and the o
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from p2d.io import read_json, write_json, write_text
 from p2d.masking import HEAD_ALIASES
 from p2d.models import DEFAULT_MODEL
 from p2d.pipelines.localize import LocalizeConfig, make_task_model, proxy_source, score_and_select
-from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool, target_source
+from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool, process_group, target_source
 from p2d.pipelines.plan import scan_pool
 from p2d.pipelines.reference import ReferenceRunConfig, reference_cost
 from p2d.pipelines.stages import Stage, fingerprint
@@ -32,7 +33,7 @@ from p2d.plan import PlanConfig, make_plan, plan_table, stage_flops
 from p2d.proxy import ProxyConfig
 from p2d.reference import ReferenceConfig
 from p2d.selection import read_heads_json
-from p2d.trainer import NOT_IN_KEY, TrainConfig
+from p2d.trainer import NOT_IN_KEY, TrainConfig, single_process
 
 console = Console(stderr=True)
 STAGE_ORDER = ("proxy", "localize", "mine", "train", "reference")
@@ -177,6 +178,9 @@ class RunConfig:
         if self.eval_limit is not None and self.eval_limit < 0:
             raise P2DError(f"--eval-limit must be 0 or more, got {self.eval_limit}")
         check_template(self.template, self.model)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and self.train.train.deepspeed is None:
+            raise P2DError(f"p2d run on {world} processes trains on every rank: pass --deepspeed (a ZeRO config)")
 
 
 PROXY_KEY = ("model", "task_model", "domain", "proxy_data", "proxy")  # the proxy stage's part of LocalizeConfig
@@ -217,17 +221,22 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     if from_stage is not None and from_stage not in STAGE_ORDER:
         raise P2DError(f"--from-stage must be one of {', '.join(STAGE_ORDER)}, got {from_stage!r}")
     cfg.validate()
+    rank, world, barrier = process_group()
+    lead, sync = rank == 0, barrier or (lambda: None)
+    if world > 1:
+        _same_config_on_every_rank(cfg, rank, world)
     run_dir = Path(run_dir).resolve()  # absolute: the stages' own paths; their summaries store them relative
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "run.json", {"config": asdict(cfg)})
-    proxy_data = None if cfg.localize.task_model else proxy_source(cfg.localize_config())
-    target = target_source(cfg.mine_config(None))
-    model_cfg, lengths, proxy_lengths, target_lengths = scan_pool(cfg.model, cfg.pool, cfg.fields, proxy_data,
-                                                                  cfg.template, target)
-    plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths, target_lengths)
-    write_json(run_dir / "plan.json", plan)
-    console.print(plan_table(plan))
-    ledger = Ledger(run_dir / "ledger.json")
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "run.json", {"config": asdict(cfg)})
+        proxy_data = None if cfg.localize.task_model else proxy_source(cfg.localize_config())
+        target = target_source(cfg.mine_config(None))
+        model_cfg, lengths, proxy_lengths, target_lengths = scan_pool(cfg.model, cfg.pool, cfg.fields, proxy_data,
+                                                                      cfg.template, target)
+        plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths, target_lengths)
+        write_json(run_dir / "plan.json", plan)
+        console.print(plan_table(plan))
+        ledger = Ledger(run_dir / "ledger.json")
     options = _stage_options(cfg)
     stages, prev = {}, ""
     for name in STAGE_ORDER:
@@ -235,29 +244,44 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
         stages[name] = Stage(name, run_dir / name, prev)
     forced = set(STAGE_ORDER[STAGE_ORDER.index(from_stage):]) if from_stage else set()
 
-    def run_stage(name: str, fn, timed: bool = True):
+    def run_stage(name: str, fn, timed: bool = True, every_rank: bool = False):
+        """Run (or reuse) a stage. Under several processes rank 0 alone keeps the stage's books and runs
+        it, unless `every_rank` (mining and training split their work); the others wait, then read its summary."""
         stage = stages[name]
-        if stage.is_done() and name not in forced:
-            console.print(f"[green]✓ {name}[/] reused from {stage.dir}")
+        reuse = stage.is_done() and name not in forced
+        sync()  # every rank has read the marker before rank 0 rewrites it
+        if reuse:
+            if lead:
+                console.print(f"[green]✓ {name}[/] reused from {stage.dir}")
             return stage.state()["summary"]
-        resume = stage.begin(force=name in forced)
-        console.rule(f"[bold]{name}")
-        if timed:
-            with ledger.stage(name, resume=resume):
+        if lead:
+            resume = stage.begin(force=name in forced)
+            console.rule(f"[bold]{name}")
+        sync()
+        summary = None
+        if lead or every_rank:
+            books = ledger.stage(name, resume=resume) if lead and timed else contextlib.nullcontext()
+            with books, (contextlib.nullcontext() if every_rank else single_process()):
                 summary = fn(stage.dir)
-        else:
-            summary = fn(stage.dir)
-        stage.finish(summary)
-        return summary
+        sync()
+        if lead:
+            stage.finish(summary)
+        sync()
+        return summary if lead else stage.state()["summary"]
 
     proxy = run_stage("proxy", lambda d: {"task_model": make_task_model(cfg.localize_config(), d.parent, progress)})
     loc = run_stage("localize", lambda d: {"heads": str(score_and_select(cfg.localize_config(), proxy["task_model"], d))})
     heads = loc["heads"]
-    mined = run_stage("mine", lambda d: mine_pool(cfg.mine_config(heads, proxy["task_model"]), d, progress))
+    mined = run_stage("mine", lambda d: mine_pool(cfg.mine_config(heads, proxy["task_model"]), d, progress),
+                      every_rank=True)
     subset = mined["outputs"]["selected.jsonl"]
     per_source = [v for k, v in mined["outputs"].items() if k.startswith("selected/")]  # several sources' schemas
-    trained = run_stage("train", lambda d: train_model(cfg.train_config(per_source or subset, heads), d, progress))
-    reference = run_stage("reference", lambda d: reference_cost(cfg.reference_config(), d, progress), timed=False)
+    trained = run_stage("train", lambda d: train_model(cfg.train_config(per_source or subset, heads), d, progress),
+                        every_rank=True)
+    reference = run_stage("reference", lambda d: _reference(cfg, d, progress, world), timed=False,
+                          every_rank=cfg.reference.measure)
+    if not lead:
+        return {}
 
     report = aer_report(ledger, reference)
     _count_flops(report, plan, model_cfg, lengths, cfg, mined, read_heads_json(heads).heads, proxy_lengths,
@@ -276,6 +300,42 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     console.print(aer_table(report))
     console.print(f"report: {run_dir / 'report.md'}")
     return report
+
+
+def _same_config_on_every_rank(cfg: RunConfig, rank: int, world: int) -> None:
+    """Ranks launched with other options would run other stages: stop every rank, naming the options."""
+    import json
+
+    import torch.distributed as dist
+
+    mine = json.loads(json.dumps(asdict(cfg), default=str))
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    for other, theirs in enumerate(every):
+        diff = _differences(every[0], theirs)
+        if diff:
+            raise P2DError(f"rank {other} was launched with other options than rank 0 ({', '.join(diff[:5])}); "
+                           f"every rank of p2d run needs the same command line")
+
+
+def _differences(a, b, where: str = "") -> list[str]:
+    """The dotted names of the fields whose values differ between two config trees."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(a.keys() | b.keys()) for d in _differences(a.get(k), b.get(k), f"{where}{k}.")]
+    return [where.rstrip(".")] if a != b else []
+
+
+def _reference(cfg: RunConfig, out: Path, progress: bool, world: int) -> dict:
+    """The reference stage. On several ranks a measured reference trains on all of them; an estimate
+    times one process (no ZeRO) and divides by the ranks, as if data-parallel training scaled perfectly:
+    the real reference is at least that long, so the speedup reported is a lower bound."""
+    ref = cfg.reference_config()
+    if world == 1 or ref.measure:
+        return reference_cost(ref, out, progress)
+    one = reference_cost(replace(ref, train=replace(ref.train, deepspeed=None)), out, progress)
+    return one | {"seconds": one["seconds"] / world, "interval": [s / world for s in one["interval"]],
+                  "method": f"{one['method']}; one process's estimate ÷ {world} ranks (perfect data-parallel "
+                            "scaling: the speedup is a lower bound)", "ranks": world}
 
 
 def _count_flops(report: dict, plan: dict, model_cfg, lengths, cfg: RunConfig, mined: dict, heads: list,

@@ -99,3 +99,67 @@ def test_ranks_launched_with_other_feature_options_fail_naming_the_option(tiny_m
     assert proc.returncode != 0
     assert "made from other inputs" in out and "pooling" in out, out[-3000:]
     assert not (tmp_path / "two" / "selected.jsonl").exists()
+
+
+ZERO2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+
+
+def test_two_rank_run_selects_as_one_process_and_reuses_its_stages(tiny_model, small_pool, tmp_path):
+    """`torchrun p2d run --deepspeed`: rank 0 runs the proxy, localize and reference stages, both ranks mine
+    and train; the subset is the one process's byte for byte, the reference says it was divided by the ranks,
+    and a second launch reuses every stage."""
+    ds = tmp_path / "zero2.json"
+    ds.write_text(json.dumps(ZERO2))
+    args = ["run", "--model", str(tiny_model), "--pool", str(small_pool), "--proxy-data", str(small_pool),
+            "--domain", "code", "--data-frac", "0.25", "--proxy-samples", "8", "--proxy-steps", "2",
+            "--reference-steps", "2", "--max-steps", "2", "--max-length", "128", "--deepspeed", str(ds)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "p2d.cli.main", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def two():
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                               str(free_port()), "-m", "p2d.cli.main", *args, "--out", str(tmp_path / "two")],
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    proc = two()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    heads = [json.loads((tmp_path / d / "localize" / "heads.json").read_text())["selected"] for d in ("one", "two")]
+    assert heads[0] == heads[1]
+    for name in ("mine/selected.jsonl", "mine/scores.csv"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    aer = json.loads((tmp_path / "two" / "aer.json").read_text())
+    single = json.loads((tmp_path / "one" / "aer.json").read_text())
+    assert aer["reference"]["ranks"] == 2 and "÷ 2 ranks" in aer["reference"]["method"]
+    assert "ranks" not in single["reference"]
+    assert (tmp_path / "two" / "train" / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "two" / "train" / "train.json").read_text())["steps"] == 2
+    markers = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("*/.p2d-stage.json")}
+    again = two()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers  # every stage reused, on both ranks
+
+
+def test_ranks_launched_with_other_run_options_fail_naming_them(tiny_model, small_pool, tmp_path):
+    wrapper = tmp_path / "p2d_rank.py"  # rank 1 gets another --data-frac
+    wrapper.write_text("import os, sys\nfrom p2d.cli.main import main\n"
+                       "extra = ['--data-frac', '0.5'] if os.environ['RANK'] == '1' else []\n"
+                       "sys.argv = ['p2d', *sys.argv[1:], *extra]\nmain()\n")
+    ds = tmp_path / "zero2.json"
+    ds.write_text(json.dumps(ZERO2))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), str(wrapper), "run", "--model", str(tiny_model), "--pool", str(small_pool),
+                           "--domain", "code", "--deepspeed", str(ds), "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 1 was launched with other options" in out and "mine.data_frac" in out, out[-3000:]
+    assert not (tmp_path / "two" / "proxy").exists()  # stopped before any stage
+
+
+def test_multi_rank_run_without_deepspeed_is_a_clear_error(tiny_model, small_pool, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = p2d("run", "--model", tiny_model, "--pool", small_pool, "--domain", "code", "--out", tmp_path / "r", ok=False)
+    assert r.exit_code == 2 and "--deepspeed" in r.output and "Traceback" not in r.output
