@@ -373,7 +373,7 @@ class _Converter:
                 continue
             id_ = str(record["id"]) if record.get("id") is not None else str(i)
             if self.prefix:
-                id_ = f"{self.prefix}/{id_}"
+                id_ = prefixed_id(self.prefix, id_)
             if id_ in self.seen:
                 raise DataError(f"{where}: duplicate id {id_!r} (also {self._where(self.seen[id_], bool(lines))})")
             self.seen[id_] = lines[j] if lines else i
@@ -425,6 +425,16 @@ def pool_spec(source: Sources) -> Sources:
     """How a pool is written in configs and summaries: one source as a string, several as a list."""
     out = sources_of(source)
     return out[0] if len(out) == 1 else out
+
+
+def prefixed_id(name: str, id_: str) -> str:
+    """A row's id in a pool of several sources (`source_names`); `row_source` reads it back."""
+    return f"{name}/{id_}"
+
+
+def row_source(sample_id: str, sources: list[str]) -> str:
+    """The source name of a pool row: one source's rows keep their ids, several sources' are `prefixed_id`s."""
+    return sample_id.split("/", 1)[0] if len(sources) > 1 else sources[0]
 
 
 def source_names(source: Sources) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from p2d import P2DError
+from p2d.data import row_source
 from p2d.io import atomic_path, write_json, write_text
 from p2d.tokens import Example
 
@@ -149,11 +150,6 @@ def axolotl_unfrozen(model, heads: list[tuple[int, int]]) -> list[str]:
             for param in ("weight", "bias") if module.bias is not None else ("weight",):
                 out += [f"^{names[id(module)]}.{param}$[{a}:{b}]" for a, b in ranges]
     return out
-
-
-def row_source(sample_id: str, sources: list[str]) -> str:
-    """The source name of a pool row: several sources' ids are `name/id` (`p2d.data.source_names`)."""
-    return sample_id.split("/", 1)[0] if len(sources) > 1 else sources[0]
 
 
 def scores_csv(result, sources: list[str] | None = None) -> str:
