@@ -122,6 +122,11 @@ def _wrap_heads(model: nn.Module, geom: AttentionGeometry, heads: list[tuple[int
             setattr(attn, name, HeadDeltaLinear(base, index, dim))
 
 
+def _numel(p: torch.Tensor) -> int:
+    """A parameter's size, also when ZeRO-3 has partitioned it away from this rank (ds_numel)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def _is_attention(name: str) -> bool:
     return ".self_attn." in name
 
@@ -147,7 +152,7 @@ def apply_scope(model: nn.Module, geom: AttentionGeometry, scope: str, heads=Non
     head_scope = scope in ("heads", "alps") + HEAD_ALIASES
     if head_scope and not heads:
         raise P2DError(f"scope {scope!r} needs a non-empty head list (heads.json)")
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_numel(p) for p in model.parameters())
     model.requires_grad_(scope in ("full", "no-attn", "alps"))
     if scope in ("no-attn", "alps"):
         for name, p in model.named_parameters():
@@ -171,9 +176,9 @@ def apply_scope(model: nn.Module, geom: AttentionGeometry, scope: str, heads=Non
         if p.requires_grad:
             for proj in PROJECTIONS:
                 if f".{proj}." in name:
-                    per_proj[proj] += p.numel()
+                    per_proj[proj] += _numel(p)
     info = ScopeInfo(
-        scope=scope, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        scope=scope, trainable_params=sum(_numel(p) for p in model.parameters() if p.requires_grad),
         total_params=total, heads=heads if head_scope else [], train_o=train_o and head_scope,
         kv_scope=kv_scope if head_scope else "shared",
         lora_rank=lora_rank if scope == "lora" else None, lora_alpha=lora_alpha if scope == "lora" else None,

@@ -144,6 +144,31 @@ def single_process() -> Iterator[None]:
             os.environ["WORLD_SIZE"] = saved
 
 
+@contextlib.contextmanager
+def partitioned_loading(config: TrainConfig) -> Iterator[bool]:
+    """Under ZeRO-3, models loaded inside are partitioned across the ranks as they load (transformers'
+    `zero.Init` through `HfDeepSpeedConfig`), so no rank ever holds the whole model; yields whether
+    that applies. Leave it before loading a model for one rank alone (the merge on rank 0)."""
+    ds_config = resolve_deepspeed(config)
+    if ds_config is None or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield False
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    launcher_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(default_device())
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference: this keeps it alive
+    try:
+        yield True
+    finally:
+        unset_hf_deepspeed_config()
+        del keep
+
+
 def _dtype(config: TrainConfig) -> torch.dtype:
     return config.dtype or default_dtype()
 

@@ -146,22 +146,23 @@ def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True)
     from p2d.masking import apply_scope, merge_adapter
     from p2d.selection import read_heads_json
     from p2d.tokens import resolve_template, tokenize
-    from p2d.trainer import train
+    from p2d.trainer import partitioned_loading, train
 
     cfg.validate()
     out_dir = Path(out_dir)
     examples = load_examples(cfg.data, fields=cfg.fields, template=cfg.template)
-    model, tok = load_model(cfg.model)
-    template = resolve_template(cfg.template, tok)
-    geom = AttentionGeometry.from_config(model.config)
-    heads = read_heads_json(cfg.heads, geom).heads if cfg.heads else None
-    info = apply_scope(model, geom, cfg.scope, heads, train_o=cfg.train_o, kv_scope=cfg.kv_scope,
-                       lora_rank=cfg.lora_rank)
-    console.print(f"[bold]train[/] scope {cfg.scope}: {info.trainable_params:,} of {info.total_params:,} "
-                  f"parameters trainable ({info.trainable_params / info.total_params:.2%}), {len(examples)} samples")
-    data = tokenize(examples, tok, cfg.train.max_length, template)
-    result = train(model, data, tok.pad_token_id, cfg.train, out_dir, progress=progress,  # adapter -> out_dir/adapter
-                   run_key=run_key(cfg, heads, data), overwrite=cfg.overwrite)
+    with partitioned_loading(cfg.train) as partitioned:  # ZeRO-3: each rank loads only its part of the model
+        model, tok = load_model(cfg.model)
+        template = resolve_template(cfg.template, tok)
+        geom = AttentionGeometry.from_config(model.config)
+        heads = read_heads_json(cfg.heads, geom).heads if cfg.heads else None
+        info = apply_scope(model, geom, cfg.scope, heads, train_o=cfg.train_o, kv_scope=cfg.kv_scope,
+                           lora_rank=cfg.lora_rank)
+        console.print(f"[bold]train[/] scope {cfg.scope}: {info.trainable_params:,} of {info.total_params:,} "
+                      f"parameters trainable ({info.trainable_params / info.total_params:.2%}), {len(examples)} samples")
+        data = tokenize(examples, tok, cfg.train.max_length, template)
+        result = train(model, data, tok.pad_token_id, cfg.train, out_dir, progress=progress,  # adapter -> out_dir/adapter
+                       run_key=run_key(cfg, heads, data), overwrite=cfg.overwrite)
     if cfg.heads and (out_dir / "adapter").is_dir():
         shutil.copyfile(cfg.heads, out_dir / "adapter" / "heads.json")
     if _rank() == 0:  # one path for every backend: the base (fp32) plus the trained tensors, saved in the base's dtype
@@ -173,7 +174,7 @@ def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True)
                "heads": cfg.heads, "trainable_params": info.trainable_params, "total_params": info.total_params,
                "config": asdict(cfg.train), "steps": result.steps, "seconds": result.seconds,
                "tokens": result.tokens, "tokens_per_s": result.tokens_per_s, "final_loss": result.final_loss,
-               "resumed_from": result.resumed_from}
+               "resumed_from": result.resumed_from, "partitioned_load": partitioned}
     if _rank() == 0:
         import json
 

@@ -18,20 +18,23 @@ from safetensors.torch import load_file, save_file
 HEADS = [(0, 1), (1, 5), (1, 6), (2, 7)]
 
 
-def setup(before: Path | None = None, world: int = 1):
-    """The heads-scope model, data and config shared by the DeepSpeed worker and the reference run."""
+def base_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                        num_attention_heads=8, num_key_value_heads=2, head_dim=8, vocab_size=128))
+
+
+def setup(world: int = 1, model=None):
+    """The heads-scope model (`model`, else the seed-0 base), data and config shared by the DeepSpeed
+    worker and the reference run."""
     from p2d.geometry import AttentionGeometry
     from p2d.masking import apply_scope
     from p2d.tokens import IGNORE, Tokenized
     from p2d.trainer import TrainConfig
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                         num_attention_heads=8, num_key_value_heads=2, head_dim=8, vocab_size=128))
-    if before is not None:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(before))
+    model = model if model is not None else base_model()
     apply_scope(model, AttentionGeometry.from_config(model.config), "heads", HEADS, train_o=True)
     g = torch.Generator().manual_seed(0)
     data = []
@@ -45,23 +48,29 @@ def setup(before: Path | None = None, world: int = 1):
 
 
 def worker(stage: int, out: Path) -> None:
+    """Load the saved model as `p2d train` does (ZeRO-3: partitioned as it loads), train, save the weights."""
     import deepspeed
+    from transformers import AutoModelForCausalLM
 
-    from p2d.trainer import deepspeed_config, train
+    from p2d.trainer import TrainConfig, deepspeed_config, partitioned_loading, train
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    model, data, cfg = setup(out / "before.safetensors" if rank == 0 else None, world)
-    cfg.deepspeed = deepspeed_config(stage, cfg)
-    result = train(model, data, pad_id=0, config=cfg, out_dir=out / "run", progress=False)
+    with partitioned_loading(TrainConfig(deepspeed=deepspeed_config(stage, TrainConfig()))) as partitioned:
+        loaded = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+        whole_here = sum(p.numel() for p in loaded.parameters())
+        model, data, cfg = setup(world, loaded)
+        cfg.deepspeed = deepspeed_config(stage, cfg)
+        result = train(model, data, pad_id=0, config=cfg, out_dir=out / "run", progress=False)
     params = list(model.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=stage == 3):
         state = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
     if rank == 0:
         save_file(state, str(out / "after.safetensors"))
         (out / "losses.txt").write_text(" ".join(map(str, result.losses)))
+        (out / "loaded.txt").write_text(f"{partitioned} {whole_here}")
     # a second run in the same directory resumes from the DeepSpeed checkpoint (done: no steps left)
     # and rewrites run/adapter from the reloaded weights, which the test compares with the trained ones
-    fresh, _, _ = setup(world=world)
+    fresh, _, _ = setup(world)
     resumed = train(fresh, data, pad_id=0, config=cfg, out_dir=out / "run", progress=False)
     assert resumed.resumed_from == 3 and resumed.losses == result.losses
 
@@ -83,10 +92,17 @@ def test_zero_heads_scope_on_cpu(tmp_path, stage, world):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
                "--master-port", str(free_port()), __file__]
+    base = base_model()  # saved as the checkpoint the workers load
+    base.save_pretrained(tmp_path / "base")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
     proc = subprocess.run(cmd + [str(stage), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    before, after = load_file(tmp_path / "before.safetensors"), load_file(tmp_path / "after.safetensors")
+    # ZeRO-3 loads each rank's partition only: no rank held the whole model
+    partitioned, whole_here = (tmp_path / "loaded.txt").read_text().split()
+    assert partitioned == str(stage == 3)
+    assert (int(whole_here) == 0) == (stage == 3)
+    after = load_file(tmp_path / "after.safetensors")
     deltas = {n: t for n, t in after.items() if n.endswith("delta")}
     frozen = {n: t for n, t in after.items() if not n.endswith("delta")}
     assert len(deltas) == 3 * 4  # q, k, v, o in each of the 3 layers holding a selected head

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from p2d.default_pool import build_pool
 
@@ -101,15 +102,20 @@ def test_ranks_launched_with_other_feature_options_fail_naming_the_option(tiny_m
     assert not (tmp_path / "two" / "selected.jsonl").exists()
 
 
-ZERO2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+def zero(stage: int) -> dict:
+    return {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto"}
 
 
 def test_two_rank_run_selects_as_one_process_and_reuses_its_stages(tiny_model, small_pool, tmp_path):
-    """`torchrun p2d run --deepspeed`: rank 0 runs the proxy, localize and reference stages, both ranks mine
-    and train; the subset is the one process's byte for byte, the reference says it was divided by the ranks,
-    and a second launch reuses every stage."""
-    ds = tmp_path / "zero2.json"
-    ds.write_text(json.dumps(ZERO2))
+    """`torchrun p2d run --deepspeed` (ZeRO-3): rank 0 runs the proxy, localize and reference stages, both ranks
+    mine and train, each loading only its partition of the model; the subset is the one process's byte for
+    byte, the merged model keeps every frozen weight, the reference says it was divided by the ranks, and a
+    second launch reuses every stage."""
+    from safetensors.torch import load_file
+
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps(zero(3)))
     args = ["run", "--model", str(tiny_model), "--pool", str(small_pool), "--proxy-data", str(small_pool),
             "--domain", "code", "--data-frac", "0.25", "--proxy-samples", "8", "--proxy-steps", "2",
             "--reference-steps", "2", "--max-steps", "2", "--max-length", "128", "--deepspeed", str(ds)]
@@ -133,8 +139,11 @@ def test_two_rank_run_selects_as_one_process_and_reuses_its_stages(tiny_model, s
     single = json.loads((tmp_path / "one" / "aer.json").read_text())
     assert aer["reference"]["ranks"] == 2 and "÷ 2 ranks" in aer["reference"]["method"]
     assert "ranks" not in single["reference"]
-    assert (tmp_path / "two" / "train" / "model" / "config.json").is_file()
-    assert json.loads((tmp_path / "two" / "train" / "train.json").read_text())["steps"] == 2
+    train = json.loads((tmp_path / "two" / "train" / "train.json").read_text())
+    assert train["steps"] == 2 and train["partitioned_load"] is True
+    base, merged = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "two" / "train" / "model" / "model.safetensors")
+    frozen = [n for n in base if ".self_attn." not in n]  # the heads scope trains only q/k/v rows of its heads
+    assert frozen and all(torch.equal(merged[n], base[n]) for n in frozen)
     markers = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("*/.p2d-stage.json")}
     again = two()
     assert again.returncode == 0, again.stderr[-3000:]
@@ -147,7 +156,7 @@ def test_ranks_launched_with_other_run_options_fail_naming_them(tiny_model, smal
                        "extra = ['--data-frac', '0.5'] if os.environ['RANK'] == '1' else []\n"
                        "sys.argv = ['p2d', *sys.argv[1:], *extra]\nmain()\n")
     ds = tmp_path / "zero2.json"
-    ds.write_text(json.dumps(ZERO2))
+    ds.write_text(json.dumps(zero(2)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                            str(free_port()), str(wrapper), "run", "--model", str(tiny_model), "--pool", str(small_pool),
