@@ -170,7 +170,8 @@ class FeatureStore:
         """Create the store, or check that an existing one was made from the same inputs."""
         meta_path = self.path / "meta.json"
         if meta_path.is_file():
-            old = {"dtype": "float32", "compute_dtype": "float32"} | read_json(meta_path)  # older stores: fp32
+            # stores written before the dtypes were recorded: features fp32, compute precision unknown (rebuild)
+            old = {"dtype": "float32", "compute_dtype": None} | read_json(meta_path)
             diff = [k for k in meta if old.get(k) != meta[k]]
             if diff:
                 what = "; ".join(f"{k}: store has {_short(old.get(k))}, this run {_short(meta[k])}" for k in diff)

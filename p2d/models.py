@@ -53,7 +53,7 @@ def native_bf16(device: torch.device | str | None = None) -> bool:
     """Whether `device` multiplies bf16 in hardware."""
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence looked up with a fallback
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 

@@ -316,15 +316,19 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
     r = rates(cfg)
     gpu = cfg.hardware != "calibrate"
     bytes_per = 2 if gpu else 4
-    # mining in bf16: on GPUs, and on a CPU whose calibration measured a native bf16 rate (auto), or when asked
-    bf16_mine = "bf16_forward_flops_per_s" in r and cfg.mine_dtype != "float32"
+    native = "bf16_forward_flops_per_s" in r  # a named GPU, or a CPU whose calibration measured native bf16
+    bf16_mine = cfg.mine_dtype == "bfloat16" or (cfg.mine_dtype == "auto" and native)  # as compute_dtype decides
+    mine_note = {(True, True): "", (True, False): " (emulated on this CPU: far slower than planned at its fp32 rate)",
+                 (False, True): " (planned at the GPU's bf16 rate: its fp32 rate is not modelled)" if gpu else "",
+                 (False, False): ""}[(bf16_mine, native)]
     stages = {}
     for name, st in flops.items():
         rate = r["forward_flops_per_s"] if st["kind"] != "train" else \
             r["head_train_flops_per_s"] if st["trainable"] in SPARSE_SCOPES else r["train_flops_per_s"]
         stage_bytes = bytes_per
-        if name == "mine" and bf16_mine:
-            rate, stage_bytes = r["bf16_forward_flops_per_s"], 2
+        if name == "mine":
+            rate = r["bf16_forward_flops_per_s"] if native and (bf16_mine or gpu) else rate
+            stage_bytes = 2 if bf16_mine else 4
         t = trainable_for(st.get("trainable", "full"), shape, assumed_heads(shape, cfg.head_frac), kv_scope=cfg.kv_scope) \
             if st["kind"] == "train" else Trainable()
         stages[name] = {"flops": st["flops"], "seconds": st["flops"] / rate,
@@ -343,9 +347,7 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
                             "the subset's lengths are the pool's (no target given: a seeded random sample of its size)",
                             "one selected head sits in layer 0, so heads training back-propagates through every layer",
                             f"epochs: {cfg.epochs} on both sides (p2d's training and the reference)",
-                            "mining computes in " + ("bf16" if bf16_mine else "fp32") + (
-                                " (bf16 asked, but this CPU has no native bf16: it runs far slower than planned)"
-                                if cfg.mine_dtype == "bfloat16" and not bf16_mine else ""),
+                            f"mining computes in {'bf16' if bf16_mine else 'fp32'}{mine_note}",
                             "peak memory is approximate (p2d/plan.py: peak_memory)"]}
 
 

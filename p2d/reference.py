@@ -65,26 +65,36 @@ def estimate(seconds: np.ndarray, timed: np.ndarray, plan: np.ndarray, epochs: i
 
 def estimate_reference(model_spec: str, data: Sequence[Tokenized], pad_id: int, config, ref: ReferenceConfig) -> dict:
     """Full-parameter training of all of `data` (tokenized at `config.max_length`, packed or not) for
-    `config`'s epochs: timed steps of its plan, fitted, summed."""
+    `config`'s epochs: timed steps of its plan, fitted, summed.
+
+    Under a launcher with a DeepSpeed config every rank times the same number of steps of its own
+    share of the plan (the ranks step together, as in real training, each loading only its ZeRO-3
+    partition); rank 0's fit, summed over its share, is the estimate.
+    """
+    import os
+
     from p2d.geometry import AttentionGeometry
     from p2d.masking import apply_scope
     from p2d.models import load_model
-    from p2d.trainer import step_plan, time_steps
+    from p2d.trainer import partitioned_loading, step_plan, time_steps
 
     lengths = token_lengths(data)
     if max(lengths) > config.max_length:
         raise P2DError(f"reference: samples of up to {max(lengths)} tokens, but training cuts at {config.max_length}")
-    plan = step_plan(lengths, config, 0)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if config.deepspeed is not None else 1
+    plan = step_plan(lengths, config, 0, world, int(os.environ.get("RANK", "0")) if world > 1 else 0)
     feats = step_features(lengths, plan)
     picks = stratified(feats, ref.steps)
     widest = int(np.argmax(feats[:, 1]))
-    model, _ = load_model(model_spec)
-    apply_scope(model, AttentionGeometry.from_config(model.config), "full")
-    seconds = np.array(time_steps(model, data, pad_id, replace(config, save_every=10**9),
-                                  [plan[widest]] + [plan[i] for i in picks])[1:])
+    with partitioned_loading(config):
+        model, _ = load_model(model_spec)
+        apply_scope(model, AttentionGeometry.from_config(model.config), "full")
+        seconds = np.array(time_steps(model, data, pad_id, replace(config, save_every=10**9),
+                                      [plan[widest]] + [plan[i] for i in picks])[1:])
     epochs = config.epochs if config.max_steps is None else 1
     out = estimate(seconds, feats[picks], feats, epochs, ref.seed)
-    return {**out, "method": f"{len(picks)} timed steps of the real plan, fit a + b·positions + c·Σrows·width², "
-                             f"summed over {len(plan)} steps × {epochs} epochs (90% bootstrap interval)",
+    ranks = f" on each of {world} ranks" if world > 1 else ""
+    return {**out, "method": f"{len(picks)} timed steps of the real plan{ranks}, fit a + b·positions + "
+                             f"c·Σrows·width², summed over {len(plan)} steps × {epochs} epochs (90% bootstrap interval)",
             "epochs": epochs, "steps_per_epoch": len(plan), "timed_steps": len(picks), "samples": len(data),
-            "padded_positions": int(epochs * feats[:, 1].sum()), "pool_tokens": int(sum(lengths))}
+            "padded_positions": int(epochs * feats[:, 1].sum()), "pool_tokens": int(sum(lengths)), "ranks": world}

@@ -225,6 +225,8 @@ def resolve_deepspeed(config: TrainConfig) -> dict | None:
     for half in ("bf16", "fp16"):
         if isinstance(cfg.get(half), dict) and cfg[half].get("enabled") == "auto":
             cfg[half]["enabled"] = half == "bf16" and _dtype(config) == torch.bfloat16
+    if "bf16" not in cfg and "fp16" not in cfg:  # no precision named: p2d's (bf16 on GPU, fp32 master weights)
+        cfg["bf16"] = {"enabled": _dtype(config) == torch.bfloat16}
     if cfg.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
         raise P2DError(f"{where}: fp16 needs a GPU; use bf16 or fp32 on the CPU")
     cfg.setdefault("zero_allow_untested_optimizer", True)

@@ -223,10 +223,21 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     cfg.validate()
     rank, world, barrier = process_group()
     lead, sync = rank == 0, barrier or (lambda: None)
-    if world > 1:
-        _same_config_on_every_rank(cfg, rank, world)
+
+    def share(value):
+        """Rank 0's `value` on every rank (a broadcast, so also a barrier)."""
+        if world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     run_dir = Path(run_dir).resolve()  # absolute: the stages' own paths; their summaries store them relative
-    if lead:
+    if world > 1:
+        _same_config_on_every_rank({"config": asdict(cfg), "from_stage": from_stage, "run_dir": str(run_dir)}, world)
+    if lead:  # first, alone: resolving the model may convert it into the shared cache
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "run.json", {"config": asdict(cfg)})
         proxy_data = None if cfg.localize.task_model else proxy_source(cfg.localize_config())
@@ -237,7 +248,9 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
         write_json(run_dir / "plan.json", plan)
         console.print(plan_table(plan))
         ledger = Ledger(run_dir / "ledger.json")
+    sync()
     options = _stage_options(cfg)
+    options["reference"]["ranks"] = world  # a reference estimated on other ranks is another figure
     stages, prev = {}, ""
     for name in STAGE_ORDER:
         prev = fingerprint(options[name], prev if name != "reference" else "")
@@ -245,12 +258,11 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     forced = set(STAGE_ORDER[STAGE_ORDER.index(from_stage):]) if from_stage else set()
 
     def run_stage(name: str, fn, timed: bool = True, every_rank: bool = False):
-        """Run (or reuse) a stage. Under several processes rank 0 alone keeps the stage's books and runs
-        it, unless `every_rank` (mining and training split their work); the others wait, then read its summary."""
+        """Run (or reuse) a stage. Under several processes rank 0 decides and keeps the stage's books, and
+        runs it alone unless `every_rank` (mining, training and the reference split their work); the others
+        wait, then read its summary. A stage failing on rank 0 alone stops the other ranks too."""
         stage = stages[name]
-        reuse = stage.is_done() and name not in forced
-        sync()  # every rank has read the marker before rank 0 rewrites it
-        if reuse:
+        if share(stage.is_done() and name not in forced if lead else None):
             if lead:
                 console.print(f"[green]✓ {name}[/] reused from {stage.dir}")
             return stage.state()["summary"]
@@ -258,12 +270,20 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
             resume = stage.begin(force=name in forced)
             console.rule(f"[bold]{name}")
         sync()
-        summary = None
+        summary, failed = None, None
         if lead or every_rank:
             books = ledger.stage(name, resume=resume) if lead and timed else contextlib.nullcontext()
-            with books, (contextlib.nullcontext() if every_rank else single_process()):
-                summary = fn(stage.dir)
-        sync()
+            try:
+                with books, (contextlib.nullcontext() if every_rank else single_process()):
+                    summary = fn(stage.dir)
+            except BaseException as e:
+                if every_rank or world == 1:
+                    raise  # every rank is in it: the launcher stops the job
+                failed = e
+        if share(f"{type(failed).__name__}: {failed}" if lead and failed else None) is not None:
+            if failed is not None:
+                raise failed
+            raise P2DError(f"stage {name} failed on rank 0; see its output")
         if lead:
             stage.finish(summary)
         sync()
@@ -278,8 +298,9 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     per_source = [v for k, v in mined["outputs"].items() if k.startswith("selected/")]  # several sources' schemas
     trained = run_stage("train", lambda d: train_model(cfg.train_config(per_source or subset, heads), d, progress),
                         every_rank=True)
-    reference = run_stage("reference", lambda d: _reference(cfg, d, progress, world), timed=False,
-                          every_rank=cfg.reference.measure)
+    # several ranks: each times its share of the real (ZeRO) plan, so no rank holds what ZeRO splits
+    reference = run_stage("reference", lambda d: reference_cost(cfg.reference_config(), d, progress), timed=False,
+                          every_rank=world > 1)
     if not lead:
         return {}
 
@@ -302,13 +323,13 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     return report
 
 
-def _same_config_on_every_rank(cfg: RunConfig, rank: int, world: int) -> None:
+def _same_config_on_every_rank(launch: dict, world: int) -> None:
     """Ranks launched with other options would run other stages: stop every rank, naming the options."""
     import json
 
     import torch.distributed as dist
 
-    mine = json.loads(json.dumps(asdict(cfg), default=str))
+    mine = json.loads(json.dumps(launch, default=str))
     every: list = [None] * world
     dist.all_gather_object(every, mine)
     for other, theirs in enumerate(every):
@@ -323,19 +344,6 @@ def _differences(a, b, where: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(a.keys() | b.keys()) for d in _differences(a.get(k), b.get(k), f"{where}{k}.")]
     return [where.rstrip(".")] if a != b else []
-
-
-def _reference(cfg: RunConfig, out: Path, progress: bool, world: int) -> dict:
-    """The reference stage. On several ranks a measured reference trains on all of them; an estimate
-    times one process (no ZeRO) and divides by the ranks, as if data-parallel training scaled perfectly:
-    the real reference is at least that long, so the speedup reported is a lower bound."""
-    ref = cfg.reference_config()
-    if world == 1 or ref.measure:
-        return reference_cost(ref, out, progress)
-    one = reference_cost(replace(ref, train=replace(ref.train, deepspeed=None)), out, progress)
-    return one | {"seconds": one["seconds"] / world, "interval": [s / world for s in one["interval"]],
-                  "method": f"{one['method']}; one process's estimate ÷ {world} ranks (perfect data-parallel "
-                            "scaling: the speedup is a lower bound)", "ranks": world}
 
 
 def _count_flops(report: dict, plan: dict, model_cfg, lengths, cfg: RunConfig, mined: dict, heads: list,

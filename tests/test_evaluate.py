@@ -161,6 +161,15 @@ def test_evaluate_gsm8k_writes_results(tiny_model, char_tokenizer, tmp_path):
     assert json.loads(out.read_text())["nll"] == pytest.approx(result["nll"])
 
 
+def test_gsm8k_exact_match_counts_right_final_answers(tiny_model, char_tokenizer, monkeypatch):
+    """A generation ending in the gold number (after "####" or as the last number) counts; another does not."""
+    rows = [{"question": f"What is {i}+1?", "answer": f"{i}+1=<<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(3)]
+    texts = ["1 apple plus none.\n#### 1", "So the answer is 2.", "#### 4"]  # right, right (last number), wrong
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: ev.Generations(texts, tokens=12, seconds=1.0))
+    score, results, _ = ev.gsm8k_em(tiny_model, char_tokenizer, rows)
+    assert [r["correct"] for r in results] == [True, True, False] and score == pytest.approx(2 / 3)
+
+
 def test_evaluate_reads_the_data_card(tiny_model, char_tokenizer):
     if not HUMANEVAL.exists():
         pytest.skip("needs ../shared/data/eval/humaneval.jsonl.gz for the code card")

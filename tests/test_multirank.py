@@ -102,6 +102,20 @@ def test_ranks_launched_with_other_feature_options_fail_naming_the_option(tiny_m
     assert not (tmp_path / "two" / "selected.jsonl").exists()
 
 
+def one_thread_env(tmp_path) -> dict:
+    """The ranks' environment: one thread each, and a plan calibration already cached for that thread count
+    (the plan's predicted seconds are not what these tests check; calibrating costs minutes on one thread)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"OMP_NUM_THREADS": "1", "P2D_CACHE": str(tmp_path / "cache")}
+    key = subprocess.run([sys.executable, "-c", "from p2d.plan import CALIBRATION_VERSION, machine; "
+                          "print(f'{machine()}; calibration {CALIBRATION_VERSION}')"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    rates = {"forward_flops_per_s": 1e10, "train_flops_per_s": 1e10, "head_train_flops_per_s": 1e10, "method": "test"}
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    (tmp_path / "cache" / "calibration.json").write_text(json.dumps({key: rates}))
+    return env
+
+
 def zero(stage: int) -> dict:
     return {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto"}
@@ -119,7 +133,7 @@ def test_two_rank_run_selects_as_one_process_and_reuses_its_stages(tiny_model, s
     args = ["run", "--model", str(tiny_model), "--pool", str(small_pool), "--proxy-data", str(small_pool),
             "--domain", "code", "--data-frac", "0.25", "--proxy-samples", "8", "--proxy-steps", "2",
             "--reference-steps", "2", "--max-steps", "2", "--max-length", "128", "--deepspeed", str(ds)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
+    env = one_thread_env(tmp_path)
     one = subprocess.run([sys.executable, "-m", "p2d.cli.main", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -137,10 +151,21 @@ def test_two_rank_run_selects_as_one_process_and_reuses_its_stages(tiny_model, s
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     aer = json.loads((tmp_path / "two" / "aer.json").read_text())
     single = json.loads((tmp_path / "one" / "aer.json").read_text())
-    assert aer["reference"]["ranks"] == 2 and "÷ 2 ranks" in aer["reference"]["method"]
-    assert "ranks" not in single["reference"]
+    # each rank timed its share of the 2-rank plan: half the steps of one process's plan (the batch doubles)
+    assert aer["reference"]["ranks"] == 2 and single["reference"]["ranks"] == 1
+    assert aer["reference"]["steps_per_epoch"] == single["reference"]["steps_per_epoch"] // 2
     train = json.loads((tmp_path / "two" / "train" / "train.json").read_text())
     assert train["steps"] == 2 and train["partitioned_load"] is True
+    # parameters are counted whole although each rank held only its partition
+    from p2d.geometry import AttentionGeometry
+    from p2d.masking import apply_scope
+    from p2d.models import load_model
+    from p2d.selection import read_heads_json
+
+    model = load_model(str(tiny_model), device="cpu")[0]
+    selected = read_heads_json(tmp_path / "two" / "localize" / "heads.json").heads
+    info = apply_scope(model, AttentionGeometry.from_config(model.config), "heads", selected)
+    assert (train["trainable_params"], train["total_params"]) == (info.trainable_params, info.total_params)
     base, merged = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "two" / "train" / "model" / "model.safetensors")
     frozen = [n for n in base if ".self_attn." not in n]  # the heads scope trains only q/k/v rows of its heads
     assert frozen and all(torch.equal(merged[n], base[n]) for n in frozen)
@@ -157,7 +182,7 @@ def test_ranks_launched_with_other_run_options_fail_naming_them(tiny_model, smal
                        "sys.argv = ['p2d', *sys.argv[1:], *extra]\nmain()\n")
     ds = tmp_path / "zero2.json"
     ds.write_text(json.dumps(zero(2)))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
+    env = one_thread_env(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                            str(free_port()), str(wrapper), "run", "--model", str(tiny_model), "--pool", str(small_pool),
                            "--domain", "code", "--deepspeed", str(ds), "--out", str(tmp_path / "two")],
