@@ -318,16 +318,15 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
     bytes_per = 2 if gpu else 4
     native = "bf16_forward_flops_per_s" in r  # a named GPU, or a CPU whose calibration measured native bf16
     bf16_mine = cfg.mine_dtype == "bfloat16" or (cfg.mine_dtype == "auto" and native)  # as compute_dtype decides
-    mine_note = {(True, True): "", (True, False): " (emulated on this CPU: far slower than planned at its fp32 rate)",
-                 (False, True): " (planned at the GPU's bf16 rate: its fp32 rate is not modelled)" if gpu else "",
-                 (False, False): ""}[(bf16_mine, native)]
+    mine_note = (" (emulated on this CPU: far slower than planned at its fp32 rate)" if bf16_mine and not native else
+                 " (planned at the GPU's bf16 rate: its fp32 rate is not modelled)" if gpu and not bf16_mine else "")
     stages = {}
     for name, st in flops.items():
         rate = r["forward_flops_per_s"] if st["kind"] != "train" else \
             r["head_train_flops_per_s"] if st["trainable"] in SPARSE_SCOPES else r["train_flops_per_s"]
         stage_bytes = bytes_per
         if name == "mine":
-            rate = r["bf16_forward_flops_per_s"] if native and (bf16_mine or gpu) else rate
+            rate = r["bf16_forward_flops_per_s"] if gpu or (native and bf16_mine) else rate
             stage_bytes = 2 if bf16_mine else 4
         t = trainable_for(st.get("trainable", "full"), shape, assumed_heads(shape, cfg.head_frac), kv_scope=cfg.kv_scope) \
             if st["kind"] == "train" else Trainable()

@@ -71,18 +71,16 @@ def estimate_reference(model_spec: str, data: Sequence[Tokenized], pad_id: int, 
     share of the plan (the ranks step together, as in real training, each loading only its ZeRO-3
     partition); rank 0's fit, summed over its share, is the estimate.
     """
-    import os
-
     from p2d.geometry import AttentionGeometry
     from p2d.masking import apply_scope
     from p2d.models import load_model
-    from p2d.trainer import partitioned_loading, step_plan, time_steps
+    from p2d.trainer import launch_ranks, partitioned_loading, step_plan, time_steps
 
     lengths = token_lengths(data)
     if max(lengths) > config.max_length:
         raise P2DError(f"reference: samples of up to {max(lengths)} tokens, but training cuts at {config.max_length}")
-    world = int(os.environ.get("WORLD_SIZE", "1")) if config.deepspeed is not None else 1
-    plan = step_plan(lengths, config, 0, world, int(os.environ.get("RANK", "0")) if world > 1 else 0)
+    world, rank = launch_ranks(config)
+    plan = step_plan(lengths, config, 0, world, rank)
     feats = step_features(lengths, plan)
     picks = stratified(feats, ref.steps)
     widest = int(np.argmax(feats[:, 1]))

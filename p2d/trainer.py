@@ -234,6 +234,13 @@ def resolve_deepspeed(config: TrainConfig) -> dict | None:
     return cfg
 
 
+def launch_ranks(config: TrainConfig) -> tuple[int, int]:
+    """(world, rank) that training with `config` runs on: the launcher's under DeepSpeed, else (1, 0)."""
+    if config.deepspeed is None:
+        return 1, 0
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
 def step_plan(lengths: list[int], config: TrainConfig, epoch: int, world: int = 1, rank: int = 0) -> list[list[list[int]]]:
     """This rank's micro-batches (sample indices) for every optimizer step of `epoch`.
 
@@ -463,7 +470,7 @@ def train(model: nn.Module, data: list[Tokenized], pad_id: int, config: TrainCon
     data = [Tokenized(t.id, t.input_ids[: config.max_length], t.labels[: config.max_length]) for t in data]
     lengths = [len(t) for t in data]
     torch.manual_seed(config.seed)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if config.deepspeed is not None else 1
+    world = launch_ranks(config)[0]
     steps_per_epoch = len(step_plan(lengths, config, 0, world))
     if steps_per_epoch == 0:
         raise P2DError(f"{len(data)} examples cannot be split across {world} ranks")

@@ -14,6 +14,11 @@ from p2d.default_pool import build_pool
 from test_cli import localized, p2d, perturbed_task_model  # noqa: F401  (module fixture and helpers)
 
 
+def no_launcher_env() -> dict:
+    """This environment without a launcher's rank variables (the test process may run under one)."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +41,7 @@ def test_two_rank_mining_equals_one_process(tiny_model, localized, small_pool, p
     args = ["mine", "--model", str(tiny_model), "--heads", str(localized / "heads.json"), "--data", str(pool),
             "--domain", "code", "--data-frac", "0.1"]
     p2d(*args, "--out", tmp_path / "one")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = no_launcher_env()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                            str(free_port()), "-m", "p2d.cli.main", *args, "--out", str(tmp_path / "two")],
                           env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
@@ -55,7 +60,7 @@ def test_a_killed_two_rank_mining_resumes_to_the_same_selection(tiny_model, loca
 
     args = ["mine", "--model", str(tiny_model), "--heads", str(localized / "heads.json"), "--data", str(pool_600),
             "--domain", "code", "--data-frac", "0.1", "--batch-size", "1"]  # one row per forward: shards take a while
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
+    env = no_launcher_env() | {"OMP_NUM_THREADS": "1"}
     # the one-process reference with the ranks' thread count: another count sums matmuls in another order
     one = subprocess.run([sys.executable, "-m", "p2d.cli.main", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=600)
@@ -91,7 +96,7 @@ def test_ranks_launched_with_other_feature_options_fail_naming_the_option(tiny_m
     wrapper.write_text("import os, sys\nfrom p2d.cli.main import main\n"
                        "extra = ['--pooling', 'max'] if os.environ['RANK'] == '1' else []\n"
                        "sys.argv = ['p2d', *sys.argv[1:], *extra]\nmain()\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
+    env = no_launcher_env() | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                            str(free_port()), str(wrapper), "mine", "--model", str(tiny_model), "--heads",
                            str(localized / "heads.json"), "--data", str(pool_600), "--domain", "code", "--out",
@@ -105,7 +110,7 @@ def test_ranks_launched_with_other_feature_options_fail_naming_the_option(tiny_m
 def one_thread_env(tmp_path) -> dict:
     """The ranks' environment: one thread each, and a plan calibration already cached for that thread count
     (the plan's predicted seconds are not what these tests check; calibrating costs minutes on one thread)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = no_launcher_env()
     env |= {"OMP_NUM_THREADS": "1", "P2D_CACHE": str(tmp_path / "cache")}
     key = subprocess.run([sys.executable, "-c", "from p2d.plan import CALIBRATION_VERSION, machine; "
                           "print(f'{machine()}; calibration {CALIBRATION_VERSION}')"],
