@@ -72,6 +72,9 @@ def available_domains() -> list[str]:
     return sorted(p.name.removesuffix(".md") for p in files("p2d.data_cards").iterdir() if p.name.endswith(".md"))
 
 
+DOMAINS = tuple(available_domains())  # the --domain choices
+
+
 def load_card(domain: str) -> DataCard:
     """The card for `domain`; unknown domains and malformed cards raise P2DError naming the card."""
     if domain not in available_domains():

@@ -244,6 +244,9 @@ def load_records(source: str) -> list[dict]:
     raise DataError(f"{source}: no such file or directory")
 
 
+FIELDS_HELP = "The data's field map when p2d cannot tell it, e.g. 'instruction=q,output=a'."
+
+
 def parse_fields(spec: FieldMap | dict | str | None) -> FieldMap | None:
     """An explicit field map from a dict or a string like "instruction=q,output=a"."""
     if spec is None or isinstance(spec, FieldMap):

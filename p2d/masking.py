@@ -25,6 +25,18 @@ from p2d.io import atomic_dir, write_json
 # `random` and `lc` are the `heads` scope with another head list (p2d/selection.py chooses it).
 HEAD_ALIASES = ("random", "lc")
 SCOPES = ("heads", "alps", "full", "no-attn", "qkv", "lora") + HEAD_ALIASES
+HEAD_SCOPES = ("heads", "alps", *HEAD_ALIASES)  # the scopes that train selected heads (they need heads.json)
+# p2d run's and p2d plan's: the run's heads come from its localize stage (--head-method), so the aliases add nothing
+PIPELINE_SCOPES = tuple(s for s in SCOPES if s not in HEAD_ALIASES)
+SCOPE_HELP = {"heads": "only the selected heads' q rows and their KV groups' k/v rows",
+              "alps": "those plus every non-attention weight", "random": "heads, given a random heads.json",
+              "lc": "heads, given a layer-uniform heads.json", "full": "every weight",
+              "no-attn": "every weight outside attention", "lora": "LoRA on q/k/v (--lora-rank)",
+              "qkv": "all attention q/k/v"}
+
+
+def scope_help(scopes: tuple[str, ...]) -> str:
+    return "; ".join(f"{s}: {SCOPE_HELP[s]}" for s in scopes) + "."
 # p2d's exact delta format, beside the peft LoRA adapter (adapter_config.json, p2d/peft_adapter.py)
 ADAPTER_WEIGHTS = "p2d_adapter.safetensors"
 ADAPTER_CONFIG = "p2d_adapter.json"

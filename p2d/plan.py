@@ -20,8 +20,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from p2d import P2DError
+from p2d.config import check_choices, option
 from p2d.flops import Shape, Trainable, forward, train_step, trainable_for
-from p2d.masking import HEAD_ALIASES
+from p2d.masking import HEAD_ALIASES, PIPELINE_SCOPES, scope_help
+from p2d.models import COMPUTE_DTYPES
 from p2d.tokens import PackedTokens, kept_span, length_batches
 
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0}
@@ -36,17 +38,19 @@ SPARSE_SCOPES = ("heads", *HEAD_ALIASES)  # trained at the head-sparse rate: per
 
 @dataclass
 class PlanConfig:
-    data_frac: float = 0.1
-    head_frac: float = 0.1
-    scope: str = "heads"
+    data_frac: float = option(0.1, "Fraction of the pool kept.")
+    head_frac: float = option(0.1, "Fraction of heads trained.")
+    scope: str = option("heads", scope_help(PIPELINE_SCOPES), choices=PIPELINE_SCOPES)
     kv_scope: str = "shared"
-    epochs: int = 2
+    epochs: int = option(2, "Epochs, for p2d's training and for the reference alike.")
     train_batch_size: int = 4
-    train_max_length: int = 256
+    train_max_length: int = option(256, "Training tokens per sample.", flag="--max-length")
     mine_max_length: int = 128
     mine_window: int | None = None  # response tokens mining reads (p2d mine --mining-window)
     mine_batch_size: int = 16
-    mine_dtype: str = "auto"  # p2d.models.COMPUTE_DTYPES: bf16 mining runs at the calibrated bf16 rate
+    # bf16 mining runs at the calibrated bf16 rate
+    mine_dtype: str = option("auto", "Precision mining will compute in (as `p2d mine --mining-dtype`).",
+                             choices=COMPUTE_DTYPES, flag="--mining-dtype")
     mine_max_tokens: int = 8192
     shortlist: int = 3  # p2d.mining.SHORTLIST: the response-only pass over shortlist x subset rows
     target_rows: int = 64
@@ -54,8 +58,9 @@ class PlanConfig:
     proxy_steps: int = 16
     proxy_batch_size: int = 4
     proxy_max_length: int = 256
-    hardware: str = "calibrate"  # or a GPU in PEAK_BF16_TFLOPS
-    mfu: float = 0.4  # for a named GPU
+    hardware: str = option("calibrate", "calibrate: measure this machine once (cached); or a GPU's bf16 peak times "
+                                        "--mfu.", choices=("calibrate", *PEAK_BF16_TFLOPS))
+    mfu: float = option(0.4, "Model FLOP utilisation assumed with a named GPU.")
     seed: int = 0
 
     def validate(self) -> None:
@@ -66,12 +71,7 @@ class PlanConfig:
             raise P2DError(f"--epochs and --max-length must be positive, got {self.epochs} and {self.train_max_length}")
         if not 0 < self.mfu <= 1:
             raise P2DError(f"--mfu must be in (0, 1], got {self.mfu}")
-        if self.hardware != "calibrate" and self.hardware not in PEAK_BF16_TFLOPS:
-            raise P2DError(f"--hardware must be calibrate or one of {', '.join(PEAK_BF16_TFLOPS)}, got {self.hardware!r}")
-        from p2d.models import COMPUTE_DTYPES
-
-        if self.mine_dtype not in COMPUTE_DTYPES:
-            raise P2DError(f"--mining-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.mine_dtype!r}")
+        check_choices(self)
 
 
 @dataclass

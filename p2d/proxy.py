@@ -10,21 +10,22 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from p2d.config import option
 from p2d.geometry import AttentionGeometry
 from p2d.io import write_json
 from p2d.models import load_model, save_model
-from p2d.tokens import Example, resolve_template, tokenize
+from p2d.tokens import TEMPLATE_HELP, TEMPLATES, Example, resolve_template, tokenize
 
 
 @dataclass
 class ProxyConfig:
-    samples: int = 64
-    steps: int = 16
+    samples: int = option(64, "Samples in the proxy fine-tune.", flag="--proxy-samples")
+    steps: int = option(16, "Optimizer steps of the proxy fine-tune.", flag="--proxy-steps")
     batch_size: int = 4
     lr: float = 1e-4
     max_length: int = 256
     scope: str = "qkv"
-    template: str = "auto"  # p2d.tokens.TEMPLATES: the prompt format the heads are localized under
+    template: str = option("auto", TEMPLATE_HELP, choices=TEMPLATES)  # the prompt format the heads are localized under
     seed: int = 0
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from p2d import P2DError
+from p2d.config import option
 from p2d.tokens import Tokenized, token_lengths
 
 BOOTSTRAP = 1000
@@ -26,7 +27,8 @@ BOOTSTRAP = 1000
 
 @dataclass
 class ReferenceConfig:
-    steps: int = 12  # timed steps of the real plan (after one warm-up)
+    steps: int = option(12, "Steps of the real full-parameter plan timed for the reference estimate (stratified "
+                            "by size, after one warm-up).", flag="--reference-steps")
     seed: int = 0
 
 

@@ -19,6 +19,8 @@ IGNORE = -100
 # auto: the tokenizer's chat template when it has one, else Alpaca. chat: that template (every
 # assistant turn trained). alpaca/plain: p2d.data's text prompt, the last assistant turn trained.
 TEMPLATES = ("auto", "chat", "alpaca", "plain")
+TEMPLATE_HELP = ("Prompt format: auto (the tokenizer's chat template if it has one, else alpaca), chat (every "
+                 "assistant turn trained), alpaca (the ALPS paper's), plain.")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from p2d import P2DError
+from p2d.config import option
 from p2d.io import replace_dir, write_json
 from p2d.loss import ResponseLoss
 from p2d.masking import adapter_state, save_adapter
@@ -36,22 +37,24 @@ LOG = "train_log.jsonl"  # one line per optimizer step: step, epoch, loss, lr, t
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.1
+    lr: float = option(1e-4, "Peak learning rate, cosine to 10% after 10% warmup.")
+    weight_decay: float = option(0.1, "AdamW weight decay (frozen weights never decay: they are not parameters).")
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1  # cosine decay ends at this fraction of the peak lr
-    batch_size: int = 4  # per rank and micro-batch
-    grad_accum: int = 1  # effective batch = batch_size * grad_accum * world_size
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    max_length: int = 512
-    seed: int = 0
-    save_every: int = 50  # optimizer steps between resumable checkpoints
-    deepspeed: str | os.PathLike | dict | None = None  # DeepSpeed JSON config (path or dict)
+    batch_size: int = option(4, "Micro-batch size per process.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step (effective batch: batch size x this x ranks).")
+    epochs: int = option(1, "Epochs over the data.")
+    max_steps: int | None = option(None, "Optimizer steps (overrides --epochs).")
+    max_length: int = option(512, "Tokens per sample.")
+    seed: int = option(0, "Seed of the data order and of anything random in the scope.")
+    save_every: int = option(50, "Optimizer steps between resumable checkpoints.")
+    deepspeed: str | os.PathLike | dict | None = option(None, "DeepSpeed JSON config (ZeRO-0..3); or launch with the "
+                                                              "deepspeed launcher or torchrun.")
     dtype: torch.dtype | None = None  # None: p2d.models.default_dtype (fp32 CPU, bf16 GPU)
     log_every: int = 1
-    tensorboard: bool = False  # also write loss, lr and tokens/s as TensorBoard scalars to out_dir/tensorboard
+    tensorboard: bool = option(False, "Also log loss, lr and tokens/s to OUT/tensorboard (needs the tensorboard "
+                                      "package).")
     max_grad_norm: float = 1.0
 
 

@@ -10,30 +10,40 @@ from rich.console import Console
 from rich.table import Table
 
 from p2d import P2DError
+from p2d.alps import METRICS, VARIANTS
+from p2d.cards import DOMAINS
+from p2d.config import check_choices, option
 from p2d.geometry import AttentionGeometry
 from p2d.io import read_json, save_npy, write_json
-from p2d.models import DEFAULT_MODEL, load_config, resolve_model
+from p2d.models import DEFAULT_MODEL, MODEL_HELP, load_config, resolve_model
 from p2d.proxy import ProxyConfig
+from p2d.selection import METHODS
 
 console = Console(stderr=True)
 
 
 @dataclass
 class LocalizeConfig:
-    model: str = DEFAULT_MODEL
-    task_model: str | None = None
-    domain: str | None = None
-    proxy_data: str | None = None
+    model: str = option(DEFAULT_MODEL, MODEL_HELP)
+    task_model: str | None = option(None, "A ready fine-tuned model of the same architecture (no proxy run).")
+    domain: str | None = option(None, "Domain whose data card gives the proxy data.", choices=DOMAINS)
+    proxy_data: str | None = option(None, "Data file (or hub id) for the proxy fine-tune (default: the domain "
+                                          "card's training data).")
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    head_frac: float = 0.1
-    metric: str = "w1"
+    head_frac: float = option(0.1, "Fraction r of heads kept: top ceil(r*n).")
+    metric: str = option("w1", "How far a head's weights moved: w1 (ALPS's Wasserstein-1), kl, cosine, euclidean.",
+                         choices=METRICS)
     tau: float = 1.0
-    variant: str = "alps"
-    method: str = "top"
+    variant: str = option("alps", "alps: W_o^h = Q_h^T K_g V_g^T as in the paper; qkv-concat: the q/k/v slices "
+                                  "side by side.", choices=VARIANTS)
+    method: str = option("top", "top: global top-k (ALPS); lc: same count per layer; random: baseline.",
+                         choices=METHODS, flag="--head-method")
     seed: int = 0
 
     def validate(self) -> None:
         """Fail on bad options before any expensive work starts."""
+        check_choices(self)
+        check_choices(self.proxy)
         if not 0 < self.head_frac <= 1:
             raise P2DError(f"--head-frac must be in (0, 1], got {self.head_frac}")
         if not self.tau > 0:

@@ -12,9 +12,15 @@ from rich.console import Console
 from rich.table import Table
 
 from p2d import P2DError
+from p2d.cards import DOMAINS
+from p2d.config import check_choices, option
+from p2d.data import FIELDS_HELP
+from p2d.features import FEATURE_DTYPES, POOLINGS
 from p2d.geometry import AttentionGeometry
 from p2d.io import write_json
-from p2d.models import DEFAULT_MODEL, load_config, resolve_model
+from p2d.mining import DIVERSITIES, HEAD_SETS, INDEXES, QUALITIES, SELECTORS
+from p2d.models import COMPUTE_DTYPES, DEFAULT_MODEL, MODEL_HELP, load_config, resolve_model
+from p2d.tokens import TEMPLATE_HELP, TEMPLATES
 
 console = Console(stderr=True)
 DEFAULT_POOL = "p2d:default"
@@ -22,35 +28,55 @@ DEFAULT_POOL = "p2d:default"
 
 @dataclass
 class MineConfig:
-    heads: str | None = None
-    data: str | list[str] = DEFAULT_POOL  # several sources are mined as one pool
-    model: str = DEFAULT_MODEL
-    target: str | None = None
-    domain: str | None = None
-    data_frac: float = 0.1
-    mining_heads: str = "alps"
-    mining_max_layer: int | None = None
-    head_report: bool = False  # measure every head set's separation (an extra all-heads pass; always for random/discriminative)
-    quality: str = "ifd-rank"  # see docs/BENCHMARKS.md#selection
-    quality_weight: float | None = None  # None: p2d.mining.QUALITY_WEIGHT for the quality signal
-    task_model: str | None = None  # quality "reducible": the proxy fine-tune (default: heads.json's task_model)
-    selector: str = "p2d"
-    # auto = facility-quality for p2d: cover the top 2x candidates (facility location), never taking the
-    # shortlist's worst third by IFD; better than the plain top (none) on 4 of 5 held-out sets
+    heads: str | None = option(None, "heads.json from `p2d localize` (the ALPS heads that mine).")
+    data: str | list[str] = option(DEFAULT_POOL, "The pool: a data file, a datasets dir, a hub id, or p2d:default.")
+    model: str = option(DEFAULT_MODEL, MODEL_HELP)
+    target: str | None = option(None, "Target samples that define the domain (default: the card's seed set).")
+    domain: str | None = option(None, "Domain whose data card's seed set is the target.", choices=DOMAINS)
+    data_frac: float = option(0.1, "Fraction f of the pool kept: top ceil(f*N).")
+    mining_heads: str = option("alps", "Heads whose outputs mine: ALPS (heads.json), random, or those that best "
+                                       "separate target from pool.", choices=HEAD_SETS)
+    mining_max_layer: int | None = option(None, "Random/discriminative heads only from layers 0..N: extraction stops "
+                                                "after layer N.")
+    head_report: bool = option(False, "Also measure how well each head set (alps, random, discriminative) separates "
+                                      "target from pool: one extra all-heads pass over the target and 256 pool rows "
+                                      "(always for random/discriminative).")
+    quality: str = option("ifd-rank", "Quality signal folded into p2d's rank: ifd-rank (IFD within an affinity "
+                                      "shortlist), nll (base response loss), ifd (drop IFD >= 1), reducible (base minus "
+                                      "proxy task-model loss on the shortlist; needs the task model), or none "
+                                      "(docs/BENCHMARKS.md#selection).", choices=QUALITIES)
+    quality_weight: float | None = option(None, "Weight of the quality rank against affinity (default: 0.5 for nll, "
+                                                "1.0 for ifd-rank and reducible).")
+    task_model: str | None = option(None, "Proxy task model for --quality reducible (default: the task_model "
+                                          "recorded in heads.json).")
+    selector: str = option("p2d", "p2d (head affinity + quality), or a baseline: p2d-paper (head affinity alone), rds "
+                                  "(RDS+), ifd (Superfiltering), random, embedding-mid/-last.", choices=SELECTORS)
+    # auto = facility-quality for p2d: better than the plain top (none) on 4 of 5 held-out sets
     # (docs/BENCHMARKS.md#selection). Baseline selectors get none.
-    diversity: str = "auto"
-    pooling: str = "mean"
-    dedup: float | None = None
-    index: str = "auto"
-    feature_dtype: str = "float32"  # p2d.features.FEATURE_DTYPES: float16 halves the feature store of a large pool
-    mining_dtype: str = "auto"  # p2d.models.COMPUTE_DTYPES: the precision the pool pass computes in
-    max_length: int = 128  # tokens read per sample: the prompt and the start of the response place it
-    window: int | None = None  # and of the response at most this many (None: as many as max_length allows)
-    template: str = "auto"  # p2d.tokens.TEMPLATES: the prompt format samples are read in (as trained)
-    batch_size: int = 16
-    parquet: bool = False
-    fields: str | None = None
-    seed: int = 0
+    diversity: str = option("auto", "auto: facility-quality for the p2d and embedding selectors with ifd-rank or "
+                                    "reducible quality, none otherwise (baselines select as published). facility: pick "
+                                    "the subset that best covers (facility location over the selector's features) the "
+                                    "top 2x candidates by score, instead of their top 1x; facility-quality: the same, "
+                                    "never taking a candidate in the shortlist's worst third by the quality signal.",
+                            choices=DIVERSITIES)
+    pooling: str = option("mean", "How head features are pooled over a sample (rds always uses weighted).",
+                          choices=POOLINGS)
+    dedup: float | None = option(None, "Drop samples whose cosine to a kept one is >= this.")
+    index: str = option("auto", "FAISS index for --dedup: flat (exact), ivf (approximate), auto (ivf above 200k rows).",
+                        choices=INDEXES)
+    feature_dtype: str = option("float32", "How the feature store keeps features: float16 halves its disk and memory "
+                                           "(large pools).", choices=FEATURE_DTYPES)
+    mining_dtype: str = option("auto", "Precision of the pool pass: bfloat16 is ~2x faster where the hardware has it "
+                                       "(GPUs, CPUs with AVX512-BF16 or AMX); auto takes it there and float32 elsewhere.",
+                               choices=COMPUTE_DTYPES)
+    max_length: int = option(128, "Tokens read per sample when mining (the prompt and the start of the response).")
+    window: int | None = option(None, "Read each sample's prompt and only its first N response tokens (default: as "
+                                      "many as the max length allows).", flag="--mining-window")
+    template: str = option("auto", TEMPLATE_HELP, choices=TEMPLATES)
+    batch_size: int = option(16, "Samples per forward pass when mining.")
+    parquet: bool = option(False, "Also write selected.parquet.")
+    fields: str | None = option(None, FIELDS_HELP)
+    seed: int = option(0, "Seed of every random choice (k-means, random heads and subsets).")
 
     def __post_init__(self) -> None:
         from p2d.data import pool_spec
@@ -74,32 +100,19 @@ class MineConfig:
 
     def validate_options(self) -> None:
         """The checks that need no input file (also what `p2d run` checks before its first stage)."""
-        from p2d.mining import DIVERSITIES, QUALITIES, SELECTORS, SHORTLISTED, n_selected
+        from p2d.mining import SHORTLISTED, n_selected
+
+        check_choices(self)
         n_selected(self.data_frac, 1)
         if self.max_length <= 0 or self.batch_size <= 0:
             raise P2DError("--max-length and --batch-size must be positive")
         if self.window is not None and self.window <= 0:
             raise P2DError(f"--mining-window must be positive, got {self.window}")
-        if self.selector not in SELECTORS:
-            raise P2DError(f"--selector must be one of {', '.join(SELECTORS)}, got {self.selector!r}")
-        if self.diversity not in DIVERSITIES:
-            raise P2DError(f"--diversity must be one of {', '.join(DIVERSITIES)}, got {self.diversity!r}")
-        if self.quality not in QUALITIES:
-            raise P2DError(f"--quality must be one of {', '.join(QUALITIES)}, got {self.quality!r}")
         if self.quality_weight is not None and not math.isfinite(self.quality_weight):
             raise P2DError(f"--quality-weight must be a finite number, got {self.quality_weight}")
         if self.diversity == "facility-quality" and self.quality not in SHORTLISTED:
             raise P2DError(f"--diversity facility-quality needs --quality {' or '.join(SHORTLISTED)}, "
                            f"got {self.quality!r}")
-        from p2d.features import FEATURE_DTYPES, POOLINGS
-        from p2d.models import COMPUTE_DTYPES
-
-        if self.mining_dtype not in COMPUTE_DTYPES:
-            raise P2DError(f"--mining-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.mining_dtype!r}")
-        if self.feature_dtype not in FEATURE_DTYPES:
-            raise P2DError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.feature_dtype!r}")
-        if self.pooling not in POOLINGS:
-            raise P2DError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.dedup is not None and not 0 < self.dedup <= 1:
             raise P2DError(f"--dedup is a cosine threshold in (0, 1], got {self.dedup}")
         if self.mining_max_layer is not None and self.mining_max_layer < 0:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2d import P2DError
+from p2d.config import option
 from p2d.models import DEFAULT_MODEL
 from p2d.pipelines.mine import DEFAULT_POOL
 from p2d.reference import ReferenceConfig
@@ -19,7 +20,8 @@ class ReferenceRunConfig:
     model: str = DEFAULT_MODEL
     train: TrainConfig = field(default_factory=TrainConfig)  # the same loop as p2d's training, on all weights
     estimate: ReferenceConfig = field(default_factory=ReferenceConfig)
-    measure: bool = False  # train the whole epoch(s) for real instead of estimating
+    measure: bool = option(False, "Measure full-data full-parameter training in full (train it) instead of "
+                                  "estimating it.", flag="--measure-reference")
     template: str = "auto"  # as p2d's training: the reference trains the same tokens
     fields: str | None = None
 

@@ -8,6 +8,7 @@ and everything after it. Changing a stage's options re-runs that stage and the o
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -17,48 +18,32 @@ from rich.console import Console
 
 from p2d import P2DError
 from p2d.aer import Ledger, aer_report, aer_table, write_aer
+from p2d.cards import DOMAINS
+from p2d.config import option, option_fields
 from p2d.flops import Shape
-from p2d.data import pool_spec
+from p2d.data import FIELDS_HELP, pool_spec
 from p2d.io import read_json, write_json, write_text
-from p2d.masking import HEAD_ALIASES
-from p2d.models import DEFAULT_MODEL
+from p2d.masking import PIPELINE_SCOPES
+from p2d.models import DEFAULT_MODEL, MODEL_HELP
 from p2d.pipelines.localize import LocalizeConfig, make_task_model, proxy_source, score_and_select
 from p2d.pipelines.mine import DEFAULT_POOL, MineConfig, mine_pool, process_group, target_source
 from p2d.pipelines.plan import scan_pool
 from p2d.pipelines.reference import ReferenceRunConfig, reference_cost
 from p2d.pipelines.stages import Stage, fingerprint
-from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_MAX_LENGTH, TrainRunConfig, default_lr, train_model
-from p2d.pipelines.train import SCOPES as TRAIN_SCOPES
+from p2d.pipelines.train import TrainRunConfig, default_loop, default_lr, train_model
 from p2d.plan import PlanConfig, make_plan, plan_table, stage_flops
 from p2d.proxy import ProxyConfig
 from p2d.reference import ReferenceConfig
 from p2d.selection import read_heads_json
-from p2d.trainer import NOT_IN_KEY, TrainConfig, single_process
+from p2d.tokens import TEMPLATE_HELP, TEMPLATES
+from p2d.trainer import NOT_IN_KEY, single_process
 
 console = Console(stderr=True)
 STAGE_ORDER = ("proxy", "localize", "mine", "train", "reference")
-# the run's heads come from its localize stage (--head-method chooses them), so the scopes that only
-# name another heads.json (random, lc) are `p2d train`'s alone
-SCOPES = tuple(s for s in TRAIN_SCOPES if s not in HEAD_ALIASES)
-
-
-# `p2d run`'s options that are not a stage config's field name: option -> (stage config, field)
-RENAMED = {"mine_max_length": ("mine", "max_length"), "mining_window": ("mine", "window"),
-           "head_method": ("localize", "method"), "proxy_samples": ("proxy", "samples"),
-           "proxy_steps": ("proxy", "steps"), "reference_steps": ("estimate", "steps"),
-           "measure_reference": ("reference", "measure")}
-
-
-def _loop(**options) -> TrainConfig:
-    """`p2d run`'s training loop: `p2d train`'s defaults (heads scope)."""
-    return TrainConfig(**({"lr": default_lr("heads"), "epochs": DEFAULT_EPOCHS, "max_length": DEFAULT_MAX_LENGTH}
-                          | options))
-
-
-def _options(kind) -> set[str]:
-    """The fields of a stage config that are options: not a nested config, not an upstream output."""
-    hints = get_type_hints(kind)
-    return {f.name for f in fields(kind) if f.name not in ("heads", "data") and not is_dataclass(hints[f.name])}
+# stage config fields the run fills (from the pool or the stage before) or manages (a stage whose key changed
+# starts in an empty directory, so training's --overwrite has nothing to discard): not options of the run
+NOT_RUN_OPTIONS = {"mine": ("heads", "data", "task_model"), "train": ("heads", "data", "overwrite"),
+                   "reference": ("pool",)}
 
 
 @dataclass
@@ -67,22 +52,24 @@ class RunConfig:
 
     The shared fields are written into every stage config that has them (so run.json records what
     ran); a stage runs with its config plus the upstream outputs (`*_config()`), and its cache key
-    is that config plus digests of its inputs: an option added to a stage config is part of the key
-    without being named here.
+    is that config plus digests of its inputs: an option added to a stage config is part of the key,
+    and an option of the run (`run_options`), without being named here.
     """
 
-    domain: str = "code"
-    model: str = DEFAULT_MODEL
-    pool: str | list[str] = DEFAULT_POOL  # several sources are mined as one pool
-    fields: str | None = None  # the pool's field map (mining, training and the reference read it the same way)
-    template: str = "auto"  # p2d.tokens.TEMPLATES, for every stage: proxy, mining, training and reference
-    seed: int = 0
+    domain: str = option("code", "The target domain: its data card gives the proxy data and the mining target.",
+                         choices=DOMAINS)
+    model: str = option(DEFAULT_MODEL, MODEL_HELP)
+    pool: str | list[str] = option(DEFAULT_POOL, "The pool to mine: a data file, a datasets dir, a hub id, or "
+                                                 "p2d:default (the embedded pool).")
+    fields: str | None = option(None, FIELDS_HELP)  # mining, training and the reference read the pool the same way
+    template: str = option("auto", TEMPLATE_HELP, choices=TEMPLATES)  # for every stage
+    seed: int = option(0, "Seed of every stage.")
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     mine: MineConfig = field(default_factory=MineConfig)
-    train: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(data="", train=_loop()))
+    train: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(data=""))
     reference: ReferenceRunConfig = field(default_factory=ReferenceRunConfig)
-    evaluate: bool = False
-    eval_limit: int | None = 20
+    evaluate: bool = option(False, "Evaluate base vs trained on the domain's eval set.", flag="--eval")
+    eval_limit: int | None = option(20, "Task problems evaluated with --eval (CPU generation is slow).")
 
     def __post_init__(self) -> None:
         self.pool = pool_spec(self.pool)
@@ -94,34 +81,29 @@ class RunConfig:
         self.reference = replace(self.reference, pool=self.pool, train=self.train.train,
                                  estimate=replace(self.reference.estimate, seed=self.seed), **shared)
 
+    def parts(self) -> dict[str, object]:
+        """The run and each stage config it composes, by the part name `run_options` uses."""
+        return {"run": self, "loop": self.train.train, "train": self.train, "localize": self.localize,
+                "proxy": self.localize.proxy, "mine": self.mine, "reference": self.reference,
+                "estimate": self.reference.estimate}
+
     @classmethod
     def from_options(cls, **options) -> "RunConfig":
-        """A RunConfig from flat option names (the CLI's, a config file's): each goes to the config that
-        owns a field of that name (see `types`), or where RENAMED says; unknown names are an error.
-        lr None (or absent) is the scope's default."""
-        shared = {f.name for f in fields(cls)} - {"localize", "mine", "train", "reference"}
-        # a name several configs own goes to the first here: batch_size, max_length and lr are training's
-        types = {"loop": TrainConfig, "train": TrainRunConfig, "localize": LocalizeConfig, "mine": MineConfig,
-                 "proxy": ProxyConfig, "reference": ReferenceRunConfig, "estimate": ReferenceConfig}
-        parts: dict[str, dict] = {k: {} for k in types}
-        top = {}
+        """A RunConfig from flat option names (the CLI's, a config file's; see `run_options`); an unknown
+        name is an error. lr None (or absent) is the scope's default."""
+        table = run_options()
+        parts: dict[str, dict] = {k: {} for k in RunConfig().parts()}
         for name, value in options.items():
-            if name in shared:
-                top[name] = value
-            elif name in RENAMED:
-                part, key = RENAMED[name]
-                parts[part][key] = value
-            else:
-                part = next((p for p, t in types.items() if name in _options(t)), None)
-                if part is None:
-                    raise P2DError(f"p2d run has no option {name!r}")
-                parts[part][name] = value
+            if name not in table:
+                raise P2DError(f"p2d run has no option {name!r}")
+            part, key = table[name]
+            parts[part][key] = value
         if parts["loop"].get("lr") is None:
             parts["loop"]["lr"] = default_lr(parts["train"].get("scope", "heads"))
-        return cls(**top,
+        return cls(**parts["run"],
                    localize=LocalizeConfig(**parts["localize"], proxy=ProxyConfig(**parts["proxy"])),
-                   mine=MineConfig(**parts["mine"]), train=TrainRunConfig(data="", **parts["train"],
-                                                                          train=_loop(**parts["loop"])),
+                   mine=MineConfig(**parts["mine"]),
+                   train=TrainRunConfig(data="", **parts["train"], train=default_loop(**parts["loop"])),
                    reference=ReferenceRunConfig(**parts["reference"], estimate=ReferenceConfig(**parts["estimate"])))
 
     @classmethod
@@ -165,15 +147,14 @@ class RunConfig:
     def validate(self) -> None:
         """Every option checked before the first stage starts, so a typo never costs a proxy run."""
         from p2d.cards import load_card
-        from p2d.pipelines.train import check_train_options
         from p2d.tokens import check_template
 
         load_card(self.domain)
         self.localize_config().validate()
         self.mine_config(None).validate_options()
-        if self.train.scope not in SCOPES:
-            raise P2DError(f"--scope must be one of {', '.join(SCOPES)} in p2d run, got {self.train.scope!r}")
-        check_train_options(self.train.scope, self.train.train, self.train.kv_scope)
+        if self.train.scope not in PIPELINE_SCOPES:
+            raise P2DError(f"--scope must be one of {', '.join(PIPELINE_SCOPES)} in p2d run, got {self.train.scope!r}")
+        self.train.validate_options()
         self.reference_config().validate()
         if self.eval_limit is not None and self.eval_limit < 0:
             raise P2DError(f"--eval-limit must be 0 or more, got {self.eval_limit}")
@@ -181,6 +162,26 @@ class RunConfig:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and self.train.train.deepspeed is None:
             raise P2DError(f"p2d run on {world} processes trains on every rank: pass --deepspeed (a ZeRO config)")
+
+
+@functools.cache
+def run_options() -> dict[str, tuple[str, str]]:
+    """Every option of `p2d run`: its name -> (the part of RunConfig.parts() that owns it, the field).
+
+    The run's own fields, then every option field of each stage config (p2d.config.option) under the
+    name of its declared flag, else its own; a field the run shares (model, seed, ...) or fills
+    (NOT_RUN_OPTIONS) is not an option; a name an earlier part took gets the part's prefix (mine_max_length).
+    So a field added to a stage config with help is an option of `p2d run` too.
+    """
+    cfg = RunConfig()
+    table = {f.name: ("run", f.name) for f in option_fields(cfg)}
+    for part, config in cfg.parts().items():
+        for f in option_fields(config) if part != "run" else ():
+            if f.name in table and table[f.name][0] == "run" or f.name in NOT_RUN_OPTIONS.get(part, ()):
+                continue
+            name = f.metadata["flag"].lstrip("-").replace("-", "_") if "flag" in f.metadata else f.name
+            table[name if name not in table else f"{part}_{name}"] = (part, f.name)
+    return table
 
 
 PROXY_KEY = ("model", "task_model", "domain", "proxy_data", "proxy")  # the proxy stage's part of LocalizeConfig

@@ -5,20 +5,22 @@ from __future__ import annotations
 import importlib.util
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
 from p2d import P2DError
+from p2d.config import check_choices, option
+from p2d.data import FIELDS_HELP
 from p2d.geometry import AttentionGeometry
 from p2d.io import write_json, write_text
-from p2d.models import DEFAULT_MODEL, load_model
+from p2d.masking import HEAD_SCOPES, KV_SCOPES, SCOPES, scope_help
+from p2d.models import DEFAULT_MODEL, MODEL_HELP, load_model
+from p2d.tokens import TEMPLATE_HELP, TEMPLATES
 from p2d.trainer import NOT_IN_KEY, TrainConfig
 
 console = Console(stderr=True)
-HEAD_SCOPES = ("heads", "alps", "random", "lc")
-SCOPES = (*HEAD_SCOPES, "full", "no-attn", "lora", "qkv")
 # Defaults that the selection benchmark trains with (docs/BENCHMARKS.md#selection): scopes with few
 # trainable parameters take a 20x larger peak lr than those that train whole matrices, and one epoch
 # (30 steps on 120 rows) was too short for the choice of data to show in held-out loss.
@@ -28,23 +30,38 @@ DEFAULT_EPOCHS = 2
 DEFAULT_MAX_LENGTH = 256  # tokens per training sample
 
 
+LR_HELP = ("Peak learning rate, cosine to 10% after 10% warmup (default: the scope's, "
+           + "; ".join(f"{lr:g} for {', '.join(s for s in DEFAULT_LR if DEFAULT_LR[s] == lr)}"
+                       for lr in sorted(set(DEFAULT_LR.values()), reverse=True)) + ").")
+
+
 def default_lr(scope: str) -> float:
     return DEFAULT_LR.get(scope, DEFAULT_LR["full"])
 
 
+def default_loop(**options) -> TrainConfig:
+    """The training loop `p2d train` and `p2d run` start from: the benchmark's epochs and length, the heads
+    scope's lr (a caller that picks another scope passes its `default_lr`)."""
+    return TrainConfig(**({"lr": default_lr("heads"), "epochs": DEFAULT_EPOCHS, "max_length": DEFAULT_MAX_LENGTH}
+                          | options))
+
+
 @dataclass
 class TrainRunConfig:
-    data: str | list[str]  # several sources train as one set
-    model: str = DEFAULT_MODEL
-    heads: str | None = None
-    scope: str = "heads"
-    train_o: bool = False
-    kv_scope: str = "shared"  # none: train only the heads' query rows (and o columns), never a shared KV group
-    overwrite: bool = False  # discard a checkpoint in out_dir that another run wrote
-    lora_rank: int = 128
-    fields: str | None = None
-    template: str = "auto"  # p2d.tokens.TEMPLATES; the merged model is served with the one it was trained in
-    train: TrainConfig = field(default_factory=TrainConfig)
+    data: str | list[str] = option(MISSING, "Training data (e.g. a mined selected.jsonl).")  # several sources: one set
+    model: str = option(DEFAULT_MODEL, MODEL_HELP)
+    heads: str | None = option(None, "heads.json (head scopes).")
+    scope: str = option("heads", scope_help(SCOPES), choices=SCOPES)
+    train_o: bool = option(False, "Also train the selected heads' o_proj columns.")
+    kv_scope: str = option("shared", "shared: also train the heads' KV groups (k/v rows other query heads read "
+                                     "too); none: query rows only, so 10% of heads stays 10% under heavy GQA.",
+                           choices=KV_SCOPES)
+    overwrite: bool = option(False, "Discard a checkpoint in --out that another run (other data or options) wrote.")
+    lora_rank: int = option(128, "Rank of --scope lora.")
+    fields: str | None = option(None, FIELDS_HELP)
+    # the merged model is served with the template it was trained in
+    template: str = option("auto", TEMPLATE_HELP, choices=TEMPLATES)
+    train: TrainConfig = field(default_factory=default_loop)
 
     def __post_init__(self) -> None:
         from p2d.data import pool_spec
@@ -54,22 +71,21 @@ class TrainRunConfig:
     def validate(self) -> None:
         from p2d.tokens import check_template
 
-        check_train_options(self.scope, self.train, self.kv_scope)
+        self.validate_options()
         check_template(self.template, self.model)
         if self.scope in HEAD_SCOPES and not self.heads:
             raise P2DError(f"--scope {self.scope} trains selected heads: pass --heads heads.json")
         if self.heads and not Path(self.heads).is_file():
             raise P2DError(f"--heads: file not found: {self.heads}")
 
+    def validate_options(self) -> None:
+        """Options that are wrong whatever the data: checked before any stage runs (the template: `check_template`)."""
+        check_choices(self)
+        check_loop(self.train)
 
-def check_train_options(scope: str, t: TrainConfig, kv_scope: str = "shared") -> None:
-    """Options that are wrong whatever the data: checked before any stage runs (the template: `check_template`)."""
-    from p2d.masking import KV_SCOPES
 
-    if scope not in SCOPES:
-        raise P2DError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    if kv_scope not in KV_SCOPES:
-        raise P2DError(f"--kv-scope must be one of {', '.join(KV_SCOPES)}, got {kv_scope!r}")
+def check_loop(t: TrainConfig) -> None:
+    """The training loop's options, named as the CLI spells them."""
     if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise P2DError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if t.max_steps is None and t.epochs <= 0:
