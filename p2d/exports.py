@@ -210,9 +210,10 @@ def export_subset(out_dir: str | Path, kept: list[Example], result, source: str 
     write_text(paths["scores.csv"], scores_csv(result, sources))
     write_json(paths["dataset_info.json"], {(f"{dataset_name}_{name}" if several else dataset_name):
                                             llamafactory_entry(schemas[name], files[name]) for name in parts})
-    config = {**(axolotl or {}), "datasets": [axolotl_dataset(schemas[name], str((out / files[name]).resolve()))
-                                              for name in parts]}
-    head = "# axolotl train axolotl.yaml  (written by p2d mine; unfrozen_parameters train the selected heads' rows)\n"
+    # paths relative to this directory (axolotl reads them from where it runs), so the directory can be moved or copied
+    config = {**(axolotl or {}), "datasets": [axolotl_dataset(schemas[name], files[name]) for name in parts]}
+    head = (f"# cd {out.resolve()} && axolotl train axolotl.yaml  (run it from this directory: the dataset paths are "
+            "relative to it)\n# written by p2d mine; unfrozen_parameters train the selected heads' rows\n")
     write_text(paths["axolotl.yaml"], head + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     if not parquet:
         (out / "selected.parquet").unlink(missing_ok=True)  # an earlier run's, which this selection would contradict

@@ -216,7 +216,8 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
                "outputs": {k: str(v) for k, v in paths.items()}}
     summary["timings"] = {"load_s": round(load_s, 3), **summary.get("timings", {}),
                           "export_s": round(time.perf_counter() - start, 3)}
-    write_json(out_dir / "mine.json", summary)
+    # mine.json names its outputs relative to its own directory, so the directory can be moved
+    write_json(out_dir / "mine.json", summary | {"outputs": {k: str(v.relative_to(out_dir)) for k, v in paths.items()}})
     console.print(mine_table(summary))
     return summary
 

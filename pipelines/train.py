@@ -201,9 +201,9 @@ def train_model(cfg: TrainRunConfig, out_dir: str | Path, progress: bool = True)
         if log:
             plot_losses(log, out_dir / "loss.png", f"{cfg.scope} on {len(data)} samples")
         write_text(out_dir / "model" / "README.md", model_card(cfg, summary, heads))
-        summary["outputs"] = {name: str(out_dir / name) for name in ("model", "adapter", LOG, "loss.png")
-                              if (out_dir / name).exists()}
-        write_json(out_dir / "train.json", summary)
+        names = [name for name in ("model", "adapter", LOG, "loss.png") if (out_dir / name).exists()]
+        summary["outputs"] = {name: str(out_dir / name) for name in names}
+        write_json(out_dir / "train.json", summary | {"outputs": {name: name for name in names}})  # movable: relative
     return summary
 
 

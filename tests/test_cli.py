@@ -6,7 +6,9 @@ import csv
 import json
 import os
 import math
+import shutil
 import zipfile
+from pathlib import Path
 import subprocess
 import sys
 
@@ -151,6 +153,16 @@ def test_mine_exports_pool_rows_unchanged(mined, small_pool):
     axolotl = yaml.safe_load((mined / "axolotl.yaml").read_text())
     assert axolotl["base_model"] and axolotl["unfrozen_parameters"] and axolotl["weight_decay"] == 0.0
     assert len((mined / "trl.jsonl").read_text().splitlines()) == len(selected)
+
+
+def test_mined_directory_can_be_moved(mined, tmp_path):
+    """mine.json and axolotl.yaml name the outputs relative to their directory, so a copy elsewhere still holds."""
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(mined, moved)
+    outputs = json.loads((moved / "mine.json").read_text())["outputs"]
+    assert outputs and all((moved / path).is_file() and not Path(path).is_absolute() for path in outputs.values())
+    datasets = yaml.safe_load((moved / "axolotl.yaml").read_text())["datasets"]
+    assert all((moved / d["path"]).is_file() and not Path(d["path"]).is_absolute() for d in datasets)
 
 
 @pytest.mark.parametrize("selector", ["p2d", "p2d-paper", "rds", "ifd", "random"])
