@@ -4,7 +4,10 @@ Nothing is loaded but the model's config (any size: an 8B or 70B config.json pla
 the pool's token lengths. FLOPs come from p2d.flops and are exact for what p2d runs; seconds divide
 them by a throughput: measured once on this machine (a random-init model of SmolLM2-135M's shape,
 a few forward passes and full training steps, cached in $P2D_CACHE/calibration.json), or a named
-GPU's dense bf16 peak times an MFU the output states. What is not known before the run is assumed
+GPU's dense bf16 peak times an MFU the output states. After a `p2d run`, each stage's achieved rate
+(its FLOPs over its seconds, overheads included) is kept per machine, model shape and stage variant
+(`observe`), and later plans of that model here divide by the median of those instead: a short
+calibration's level drifts with the shared machine, a stage's own history less so. What is not known before the run is assumed
 and said: the subset's lengths are the target's (mining picks rows like the target; the pool's
 when no target is given), and a selected head sits in layer 0 (ALPS often picks one there), so
 heads training back-propagates through every layer.
@@ -33,6 +36,8 @@ CALIBRATION_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_lay
 STAGES = ("proxy", "localize", "mine", "train", "reference")
 CALIBRATION_VERSION = 4  # part of the cache key: a changed measurement is taken again
 CALIBRATION_ROUNDS = 3
+OBSERVED_RUNS = 5  # a stage's planned rate: the median of its last runs of this model on this machine
+OBSERVED_STAGES = ("proxy", "mine", "train", "reference")
 SPARSE_SCOPES = ("heads", *HEAD_ALIASES)  # trained at the head-sparse rate: per FLOP cheaper than full training
 
 
@@ -320,6 +325,7 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
     bf16_mine = cfg.mine_dtype == "bfloat16" or (cfg.mine_dtype == "auto" and native)  # as compute_dtype decides
     mine_note = (" (emulated on this CPU: far slower than planned at its fp32 rate)" if bf16_mine and not native else
                  " (planned at the GPU's bf16 rate: its fp32 rate is not modelled)" if gpu and not bf16_mine else "")
+    history = observed(shape, cfg, bf16_mine) if not gpu else {}
     stages = {}
     for name, st in flops.items():
         rate = r["forward_flops_per_s"] if st["kind"] != "train" else \
@@ -328,6 +334,8 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
         if name == "mine":
             rate = r["bf16_forward_flops_per_s"] if gpu or (native and bf16_mine) else rate
             stage_bytes = 2 if bf16_mine else 4
+        if history.get(name):
+            rate = float(np.median(history[name]))
         t = trainable_for(st.get("trainable", "full"), shape, assumed_heads(shape, cfg.head_frac), kv_scope=cfg.kv_scope) \
             if st["kind"] == "train" else Trainable()
         stages[name] = {"flops": st["flops"], "seconds": st["flops"] / rate,
@@ -347,7 +355,51 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
                             "one selected head sits in layer 0, so heads training back-propagates through every layer",
                             f"epochs: {cfg.epochs} on both sides (p2d's training and the reference)",
                             f"mining computes in {'bf16' if bf16_mine else 'fp32'}{mine_note}",
+                            *([f"seconds of {', '.join(n for n in history if history[n])} at the rates observed in "
+                               f"earlier runs of this model here (median of the last {OBSERVED_RUNS}); the others at "
+                               "the calibration's"] if any(history.values()) else []),
                             "peak memory is approximate (p2d/plan.py: peak_memory)"]}
+
+
+def _observation_keys(shape: Shape, cfg: PlanConfig, bf16_mine: bool) -> dict[str, str]:
+    """What a stage's observed rate is a rate of: this machine, the model's shape, and what changes the
+    stage's rate (mining's precision, training's scope)."""
+    model = f"{machine()} | {shape.layers}x{shape.hidden}x{shape.heads}/{shape.kv_heads}x{shape.vocab}"
+    variant = {"proxy": "qkv", "mine": "bf16" if bf16_mine else "fp32", "train": f"{cfg.scope}/{cfg.kv_scope}",
+               "reference": "full"}
+    return {stage: f"{model} | {stage} {variant[stage]}" for stage in OBSERVED_STAGES}
+
+
+def _observed_path():
+    from p2d.models import cache_dir
+
+    return cache_dir() / "observed_rates.json"
+
+
+def observed(shape: Shape, cfg: PlanConfig, bf16_mine: bool) -> dict[str, list[float]]:
+    """Each stage's rates (FLOP/s) observed in earlier runs of this model on this machine."""
+    from p2d.io import read_json
+
+    path = _observed_path()
+    seen = read_json(path) if path.is_file() else {}
+    return {stage: [rate for _, rate in seen.get(key, [])] for stage, key in _observation_keys(shape, cfg, bf16_mine).items()}
+
+
+def observe(shape: Shape, cfg: PlanConfig, bf16_mine: bool, runs: dict[str, tuple[str, float, float]]) -> None:
+    """Keep each stage's achieved rate: `runs` maps a stage to (its cache fingerprint, FLOPs, seconds).
+
+    A fingerprint already kept is not counted again (a reused stage is the same observation)."""
+    from p2d.io import read_json, write_json
+
+    path = _observed_path()
+    seen = read_json(path) if path.is_file() else {}
+    for stage, key in _observation_keys(shape, cfg, bf16_mine).items():
+        if stage not in runs or runs[stage][2] <= 0:
+            continue
+        fp, flops, seconds = runs[stage]
+        kept = [entry for entry in seen.get(key, []) if entry[0] != fp]
+        seen[key] = (kept + [[fp, flops / seconds]])[-OBSERVED_RUNS:]
+    write_json(path, seen)
 
 
 def scan(tokens: PackedTokens) -> Lengths:

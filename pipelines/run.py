@@ -31,7 +31,7 @@ from p2d.pipelines.plan import scan_pool
 from p2d.pipelines.reference import ReferenceRunConfig, reference_cost
 from p2d.pipelines.stages import Stage, fingerprint
 from p2d.pipelines.train import TrainRunConfig, default_loop, default_lr, train_model
-from p2d.plan import PlanConfig, make_plan, plan_table, stage_flops
+from p2d.plan import OBSERVED_STAGES, PlanConfig, make_plan, observe, plan_table, stage_flops
 from p2d.proxy import ProxyConfig
 from p2d.reference import ReferenceConfig
 from p2d.selection import read_heads_json
@@ -308,6 +308,11 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     report = aer_report(ledger, reference)
     _count_flops(report, plan, model_cfg, lengths, cfg, mined, read_heads_json(heads).heads, proxy_lengths,
                  target_lengths)
+    if world == 1:  # each stage's achieved rate, for the next plan of this model here (the plan models one process)
+        ran = {name: report["stages"][name] for name in OBSERVED_STAGES if name in report["stages"]}
+        ran["reference"] = report["reference"]
+        observe(Shape.from_config(model_cfg), cfg.plan_config(), mined.get("mining_dtype") == "bfloat16",
+                {name: (stages[name].fingerprint, s["flops"], s["seconds"]) for name, s in ran.items()})
     report["subset"] = {"selected": mined["counts"]["selected"], "pool": mined["counts"]["pool"], "path": subset}
     report["heads"] = {"selected": len(read_json(heads)["selected"]), "path": heads}
     report["trainable_params"] = trained["trainable_params"]

@@ -64,7 +64,29 @@ def test_second_run_reuses_every_stage(finished, tiny_model, small_pool):
     after = {s: (run / s / ".p2d-stage.json").stat().st_mtime_ns for s in before}
     assert after == before
     assert (run / "localize" / "heads.json").read_bytes() == heads
-    assert again["stages"] == report["stages"]  # reused stages keep the cost they had when they ran
+    # reused stages keep the cost they had when they ran (the new plan's prediction may differ: it has their rates)
+    def cost(stages):
+        return {name: {k: v for k, v in s.items() if k != "planned_seconds"} for name, s in stages.items()}
+
+    assert cost(again["stages"]) == cost(report["stages"])
+
+
+def test_a_run_sets_the_rates_of_the_next_plan(tiny_model, small_pool, tmp_path, monkeypatch):
+    """After a run, a plan of the same model on this machine predicts each stage at the rate that run
+    achieved (its FLOPs over its seconds), where the first plan had only the calibration."""
+    monkeypatch.setattr("p2d.plan._observed_path", lambda: tmp_path / "observed_rates.json")
+    run = tmp_path / "run"
+    first = run_pipeline(config(tiny_model, small_pool), run, progress=False)
+    assert not any("observed" in a for a in json.loads((run / "plan.json").read_text())["assumptions"])
+    run_pipeline(config(tiny_model, small_pool), run, progress=False)  # every stage reused, a new plan
+    plan = json.loads((run / "plan.json").read_text())
+    ran = {name: first["stages"][name] for name in ("proxy", "mine", "train")} | {"reference": first["reference"]}
+    for name, stage in ran.items():
+        rate = stage["flops"] / stage["seconds"]
+        assert plan["stages"][name]["seconds"] == pytest.approx(plan["stages"][name]["flops"] / rate), name
+    assert any("observed in earlier runs" in a for a in plan["assumptions"])
+    # a reused stage is the same observation: the history still holds one rate per stage
+    assert all(len(v) == 1 for v in json.loads((tmp_path / "observed_rates.json").read_text()).values())
 
 
 def test_changed_option_reruns_from_that_stage(finished, tiny_model, small_pool):
