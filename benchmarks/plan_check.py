@@ -40,7 +40,8 @@ def main() -> None:
         tr = cfg.train.train
         model_cfg, lengths, proxy_lengths, target = scan_pool(cfg.model, cfg.pool, cfg.fields, cfg.localize.proxy_data,
                                                               cfg.template, target_source(cfg.mine_config(None)))
-        plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths, target)
+        # the calibration's prediction, as before the first run (not the rates these runs just recorded)
+        plan = make_plan(model_cfg, lengths, cfg.plan_config(), proxy_lengths, target, use_observed=False)
         measured = {s: aer["stages"][s]["seconds"] for s in STAGES if s != "reference"}
         measured["reference"] = aer["reference"]["seconds"]
         row = {"run": run.name, "epochs": tr.epochs}

@@ -16,7 +16,7 @@ from p2d.models import DEFAULT_MODEL
 from p2d.pipelines.localize import LocalizeConfig
 from p2d.pipelines.mine import MineConfig
 from p2d.pipelines.run import RunConfig, STAGE_ORDER, run_options
-from p2d.pipelines.train import LR_HELP, TrainRunConfig
+from p2d.pipelines.train import LR_HELP, TrainRunConfig, default_loop
 from p2d.plan import PlanConfig
 from p2d.proxy import ProxyConfig
 from p2d.tokens import TEMPLATE_HELP, TEMPLATES
@@ -139,7 +139,7 @@ def mine(out: str, **kw) -> None:
 
 @main.command()
 @field_options(TrainRunConfig, skip=("train",), overrides=PATHS)
-@field_options(TrainRunConfig(data="").train, overrides=PATHS | LR)
+@field_options(default_loop(), overrides=PATHS | LR)
 @local_rank_option
 @out_option
 @config_option
@@ -147,7 +147,7 @@ def mine(out: str, **kw) -> None:
 def train(out: str, **kw) -> None:
     """Train one model in a scope; write a merged HF checkpoint (DIR/model) and the delta adapter (DIR/adapter)."""
     from p2d.io import locked_dir
-    from p2d.pipelines.train import default_loop, default_lr, train_model
+    from p2d.pipelines.train import default_lr, train_model
 
     launcher_rank(kw)
     loop = split(kw, TrainConfig)

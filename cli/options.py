@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 import click
 
-from p2d.config import option_fields
+from p2d.config import flag, option_fields
 
 REPEAT_HELP = " Repeat it for several sources (one pool)."
 
@@ -34,15 +34,17 @@ def _kind(hint) -> tuple[type, bool]:
 
 def field_option(config, name: str, param: str | None = None, *aliases: str, **overrides) -> Callable:
     """The click option of field `name` of `config` (a dataclass, or an instance whose values are the
-    defaults). `param` names the function argument (default: the field's name); its flag is the field's
-    declared flag, else --param; `overrides` replace anything derived."""
+    defaults). `param` names the function argument (default: the field's name); `overrides` replace
+    anything derived."""
     f = next(f for f in dataclasses.fields(config) if f.name == name)
+    # a param named otherwise than the field (p2d run's --proxy-steps, --mine-max-length) is its own flag
+    decl = flag(config, name) if param in (None, name) else "--" + param.replace("_", "-")
     param = param or name
-    decl = f.metadata.get("flag") or "--" + param.replace("_", "-")
     scalar, repeatable = _kind(typing.get_type_hints(config if isinstance(config, type) else type(config))[name])
     default, help_text = _default(config, f), f.metadata["help"]
     kw: dict = {"help": help_text}
     if scalar is bool:
+        decl = f"{decl}/--no-{decl[2:]}" if default else decl  # a flag on by default can be switched off
         kw |= {"is_flag": True, "default": bool(default)}
     else:
         kw["type"] = click.Choice(f.metadata["choices"]) if "choices" in f.metadata else scalar

@@ -212,8 +212,8 @@ def export_subset(out_dir: str | Path, kept: list[Example], result, source: str 
                                             llamafactory_entry(schemas[name], files[name]) for name in parts})
     # paths relative to this directory (axolotl reads them from where it runs), so the directory can be moved or copied
     config = {**(axolotl or {}), "datasets": [axolotl_dataset(schemas[name], files[name]) for name in parts]}
-    head = (f"# cd {out.resolve()} && axolotl train axolotl.yaml  (run it from this directory: the dataset paths are "
-            "relative to it)\n# written by p2d mine; unfrozen_parameters train the selected heads' rows\n")
+    head = ("# from this directory: axolotl train axolotl.yaml  (the dataset paths are relative to it; elsewhere axolotl "
+            "would look them up on the hub)\n# written by p2d mine; unfrozen_parameters train the selected heads' rows\n")
     write_text(paths["axolotl.yaml"], head + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     if not parquet:
         (out / "selected.parquet").unlink(missing_ok=True)  # an earlier run's, which this selection would contradict

@@ -303,10 +303,7 @@ def calibrate(force: bool = False) -> dict:
 def rates(cfg: PlanConfig) -> dict:
     if cfg.hardware == "calibrate":
         return calibrate()
-    if cfg.hardware not in PEAK_BF16_TFLOPS:
-        from p2d import P2DError
-
-        raise P2DError(f"--hardware must be calibrate or one of {', '.join(PEAK_BF16_TFLOPS)}, got {cfg.hardware!r}")
+    check_choices(cfg)
     rate = PEAK_BF16_TFLOPS[cfg.hardware] * 1e12 * cfg.mfu
     return {"forward_flops_per_s": rate, "bf16_forward_flops_per_s": rate, "train_flops_per_s": rate,
             "head_train_flops_per_s": rate,
@@ -314,8 +311,11 @@ def rates(cfg: PlanConfig) -> dict:
 
 
 def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None = None,
-              target: Lengths | None = None) -> dict:
-    """The plan's JSON: per stage FLOPs, seconds, peak memory; the totals and the predicted AER."""
+              target: Lengths | None = None, use_observed: bool = True) -> dict:
+    """The plan's JSON: per stage FLOPs, seconds, peak memory; the totals and the predicted AER.
+
+    `use_observed`: the rates of earlier runs of this model here where there are some (see `observe`),
+    else the calibration's alone."""
     shape = Shape.from_config(config)
     flops = stage_flops(shape, lengths, cfg, proxy=proxy, target=target)
     r = rates(cfg)
@@ -325,7 +325,7 @@ def make_plan(config, lengths: Lengths, cfg: PlanConfig, proxy: Lengths | None =
     bf16_mine = cfg.mine_dtype == "bfloat16" or (cfg.mine_dtype == "auto" and native)  # as compute_dtype decides
     mine_note = (" (emulated on this CPU: far slower than planned at its fp32 rate)" if bf16_mine and not native else
                  " (planned at the GPU's bf16 rate: its fp32 rate is not modelled)" if gpu and not bf16_mine else "")
-    history = observed(shape, cfg, bf16_mine) if not gpu else {}
+    history = observed(shape, cfg, bf16_mine) if use_observed and not gpu else {}
     stages = {}
     for name, st in flops.items():
         rate = r["forward_flops_per_s"] if st["kind"] != "train" else \
@@ -382,19 +382,20 @@ def observed(shape: Shape, cfg: PlanConfig, bf16_mine: bool) -> dict[str, list[f
 
     path = _observed_path()
     seen = read_json(path) if path.is_file() else {}
-    return {stage: [rate for _, rate in seen.get(key, [])] for stage, key in _observation_keys(shape, cfg, bf16_mine).items()}
+    return {stage: [rate for _, rate in seen.get(key, []) if rate > 0]
+            for stage, key in _observation_keys(shape, cfg, bf16_mine).items()}
 
 
 def observe(shape: Shape, cfg: PlanConfig, bf16_mine: bool, runs: dict[str, tuple[str, float, float]]) -> None:
-    """Keep each stage's achieved rate: `runs` maps a stage to (its cache fingerprint, FLOPs, seconds).
-
-    A fingerprint already kept is not counted again (a reused stage is the same observation)."""
+    """Keep each stage's achieved rate: `runs` maps a stage to (what it was: its run directory and cache
+    fingerprint, FLOPs, seconds). One already kept is not counted again (a reused stage is the same
+    observation); a stage that computed nothing (a given task model: no proxy) is no rate."""
     from p2d.io import read_json, write_json
 
     path = _observed_path()
     seen = read_json(path) if path.is_file() else {}
     for stage, key in _observation_keys(shape, cfg, bf16_mine).items():
-        if stage not in runs or runs[stage][2] <= 0:
+        if stage not in runs or runs[stage][1] <= 0 or runs[stage][2] <= 0:
             continue
         fp, flops, seconds = runs[stage]
         kept = [entry for entry in seen.get(key, []) if entry[0] != fp]

@@ -19,7 +19,7 @@ from rich.console import Console
 from p2d import P2DError
 from p2d.aer import Ledger, aer_report, aer_table, write_aer
 from p2d.cards import DOMAINS
-from p2d.config import option, option_fields
+from p2d.config import flag, option, option_fields
 from p2d.flops import Shape
 from p2d.data import FIELDS_HELP, pool_spec
 from p2d.io import read_json, write_json, write_text
@@ -66,7 +66,7 @@ class RunConfig:
     seed: int = option(0, "Seed of every stage.")
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     mine: MineConfig = field(default_factory=MineConfig)
-    train: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(data=""))
+    train: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(data="", train=default_loop()))
     reference: ReferenceRunConfig = field(default_factory=ReferenceRunConfig)
     evaluate: bool = option(False, "Evaluate base vs trained on the domain's eval set.", flag="--eval")
     eval_limit: int | None = option(20, "Task problems evaluated with --eval (CPU generation is slow).")
@@ -141,6 +141,7 @@ class RunConfig:
                           kv_scope=self.train.kv_scope, epochs=t.epochs if t.max_steps is None else 1,
                           train_batch_size=t.batch_size * t.grad_accum, train_max_length=t.max_length,
                           mine_max_length=mine.max_length, mine_window=mine.window, mine_dtype=mine.mining_dtype,
+                          mine_batch_size=mine.batch_size,
                           proxy_samples=proxy.samples, proxy_steps=0 if self.localize.task_model else proxy.steps,
                           proxy_batch_size=proxy.batch_size, proxy_max_length=proxy.max_length, seed=self.seed)
 
@@ -179,8 +180,11 @@ def run_options() -> dict[str, tuple[str, str]]:
         for f in option_fields(config) if part != "run" else ():
             if f.name in table and table[f.name][0] == "run" or f.name in NOT_RUN_OPTIONS.get(part, ()):
                 continue
-            name = f.metadata["flag"].lstrip("-").replace("-", "_") if "flag" in f.metadata else f.name
-            table[name if name not in table else f"{part}_{name}"] = (part, f.name)
+            name = flag(config, f.name).removeprefix("--").replace("-", "_")
+            name = name if name not in table else f"{part}_{name}"
+            if name in table:
+                raise RuntimeError(f"p2d run would have two options named {name!r}: rename a stage field's flag")
+            table[name] = (part, f.name)
     return table
 
 
@@ -308,11 +312,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, from_stage: str | None = N
     report = aer_report(ledger, reference)
     _count_flops(report, plan, model_cfg, lengths, cfg, mined, read_heads_json(heads).heads, proxy_lengths,
                  target_lengths)
-    if world == 1:  # each stage's achieved rate, for the next plan of this model here (the plan models one process)
-        ran = {name: report["stages"][name] for name in OBSERVED_STAGES if name in report["stages"]}
-        ran["reference"] = report["reference"]
-        observe(Shape.from_config(model_cfg), cfg.plan_config(), mined.get("mining_dtype") == "bfloat16",
-                {name: (stages[name].fingerprint, s["flops"], s["seconds"]) for name, s in ran.items()})
+    _observe_rates(report, stages, cfg, model_cfg, mined, run_dir, world)
     report["subset"] = {"selected": mined["counts"]["selected"], "pool": mined["counts"]["pool"], "path": subset}
     report["heads"] = {"selected": len(read_json(heads)["selected"]), "path": heads}
     report["trainable_params"] = trained["trainable_params"]
@@ -372,6 +372,24 @@ def _count_flops(report: dict, plan: dict, model_cfg, lengths, cfg: RunConfig, m
     report["total_flops"] = sum(s["flops"] for s in report["stages"].values())
     report["aer_flops"] = report["total_flops"] / flops["reference"]["flops"]
     report["flops_method"] = "p2d.flops (matmul FLOPs of what runs; counted as torch's FLOP counter counts them)"
+
+
+def _observe_rates(report: dict, stages: dict, cfg: RunConfig, model_cfg, mined: dict, run_dir: Path,
+                   world: int) -> None:
+    """Each stage's achieved rate, for the next plan of this model here. Not under several processes (the
+    plan models one), nor for training and the reference under --max-steps (their FLOPs count epochs)."""
+    if world > 1:
+        return
+    names = [n for n in OBSERVED_STAGES if n in report["stages"]
+             and not (cfg.train.train.max_steps is not None and n == "train")]
+    ran = {n: report["stages"][n] for n in names}
+    if cfg.train.train.max_steps is None:
+        ran["reference"] = report["reference"]
+    try:
+        observe(Shape.from_config(model_cfg), cfg.plan_config(), mined.get("mining_dtype") == "bfloat16",
+                {n: (f"{run_dir}:{stages[n].fingerprint}", s["flops"], s["seconds"]) for n, s in ran.items()})
+    except (OSError, ValueError) as e:  # a damaged or unwritable cache costs the next plan's rates, not this report
+        console.print(f"[yellow]warning:[/] could not keep the stages' rates for later plans: {e}", highlight=False)
 
 
 def _evaluate(cfg: RunConfig, run_dir: Path) -> dict:

@@ -61,7 +61,7 @@ class TrainRunConfig:
     fields: str | None = option(None, FIELDS_HELP)
     # the merged model is served with the template it was trained in
     template: str = option("auto", TEMPLATE_HELP, choices=TEMPLATES)
-    train: TrainConfig = field(default_factory=default_loop)
+    train: TrainConfig = field(default_factory=TrainConfig)  # the CLI starts from default_loop()
 
     def __post_init__(self) -> None:
         from p2d.data import pool_spec

@@ -92,8 +92,11 @@ def small_pool(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """No test reaches a hub (the model cache in $P2D_CACHE is shared, so SmolLM2 converts once)."""
+def offline(monkeypatch, tmp_path_factory):
+    """No test reaches a hub (the model cache in $P2D_CACHE is shared, so SmolLM2 converts once), and the
+    rates test runs achieve stay out of the cache's observed rates (they would steer the user's plans)."""
+    observed = tmp_path_factory.getbasetemp() / "observed_rates.json"
+    monkeypatch.setattr("p2d.plan._observed_path", lambda: observed)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("P2D_OFFLINE", "1")

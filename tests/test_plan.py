@@ -118,3 +118,21 @@ def test_cli_plan_from_a_config_file(tmp_path):
     assert plan["lengths"].startswith("bytes / 4") and plan["pool_rows"] == 60
     bad = CliRunner().invoke(main, ["plan", "--model", str(tmp_path / "missing.json"), "--data", str(pool)])
     assert bad.exit_code == 2 and "missing.json" in bad.output
+
+
+def test_a_stage_that_computed_nothing_is_no_rate(tmp_path, monkeypatch):
+    """A run given a task model has no proxy FLOPs: its seconds must not become a rate of 0 for later plans."""
+    from p2d.plan import observe, observed
+
+    monkeypatch.setattr("p2d.plan._observed_path", lambda: tmp_path / "observed_rates.json")
+    monkeypatch.setattr("p2d.plan.calibrate", lambda force=False: {  # a CPU with native bf16: mining in bf16
+        "forward_flops_per_s": 1e11, "bf16_forward_flops_per_s": 2e11, "train_flops_per_s": 1e11,
+        "head_train_flops_per_s": 1e11, "method": "test"})
+    shape, cfg = Shape.from_config(LLAMA_8B), PlanConfig()
+    observe(shape, cfg, True, {"proxy": ("run:a", 0, 2.0), "mine": ("run:a", 4e12, 2.0)})
+    observe(shape, cfg, True, {"mine": ("run:a", 4e12, 4.0), "train": ("run:a", 1e12, 1.0)})  # run:a again
+    observe(shape, cfg, True, {"mine": ("run:b", 6e12, 2.0)})
+    assert observed(shape, cfg, True) == {"proxy": [], "mine": [1e12, 3e12], "train": [1e12], "reference": []}
+    plan = make_plan(LLAMA_8B, lengths(), cfg)
+    assert plan["stages"]["mine"]["seconds"] == pytest.approx(plan["stages"]["mine"]["flops"] / 2e12)  # the median
+    assert plan["stages"]["proxy"]["seconds"] == pytest.approx(plan["stages"]["proxy"]["flops"] / 1e11)  # calibration

@@ -74,11 +74,12 @@ def test_second_run_reuses_every_stage(finished, tiny_model, small_pool):
 def test_a_run_sets_the_rates_of_the_next_plan(tiny_model, small_pool, tmp_path, monkeypatch):
     """After a run, a plan of the same model on this machine predicts each stage at the rate that run
     achieved (its FLOPs over its seconds), where the first plan had only the calibration."""
-    monkeypatch.setattr("p2d.plan._observed_path", lambda: tmp_path / "observed_rates.json")
+    monkeypatch.setattr("p2d.plan._observed_path", lambda: tmp_path / "observed_rates.json")  # this test's alone
     run = tmp_path / "run"
-    first = run_pipeline(config(tiny_model, small_pool), run, progress=False)
+    epochs = dict(max_steps=None, epochs=1)  # under --max-steps training's FLOPs are not an epoch's: no rate kept
+    first = run_pipeline(config(tiny_model, small_pool, **epochs), run, progress=False)
     assert not any("observed" in a for a in json.loads((run / "plan.json").read_text())["assumptions"])
-    run_pipeline(config(tiny_model, small_pool), run, progress=False)  # every stage reused, a new plan
+    run_pipeline(config(tiny_model, small_pool, **epochs), run, progress=False)  # every stage reused, a new plan
     plan = json.loads((run / "plan.json").read_text())
     ran = {name: first["stages"][name] for name in ("proxy", "mine", "train")} | {"reference": first["reference"]}
     for name, stage in ran.items():
