@@ -225,13 +225,12 @@ def mine_pool(cfg: MineConfig, out_dir: str | Path, progress: bool = True) -> di
 def axolotl_settings(model, heads: list[tuple[int, int]] | None, base_model: str) -> dict:
     """axolotl.yaml's top-level keys: `p2d train`'s defaults, and with heads the same rows unfrozen."""
     from p2d.exports import axolotl_unfrozen
-    from p2d.pipelines.train import DEFAULT_EPOCHS, DEFAULT_LR
-    from p2d.trainer import TrainConfig
+    from p2d.pipelines.train import default_loop, default_lr
 
-    t = TrainConfig()
+    t = default_loop(lr=default_lr("heads" if heads else "full"))
     out = {"base_model": base_model, "sequence_len": t.max_length, "micro_batch_size": t.batch_size,
-           "gradient_accumulation_steps": t.grad_accum, "num_epochs": DEFAULT_EPOCHS,
-           "learning_rate": DEFAULT_LR["heads" if heads else "full"], "optimizer": "adamw_torch",
+           "gradient_accumulation_steps": t.grad_accum, "num_epochs": t.epochs,
+           "learning_rate": t.lr, "optimizer": "adamw_torch",
            "lr_scheduler": "cosine", "warmup_ratio": t.warmup_ratio, "max_grad_norm": t.max_grad_norm,
            "weight_decay": 0.0 if heads else t.weight_decay, "train_on_inputs": False, "output_dir": "./axolotl-out"}
     if heads:
