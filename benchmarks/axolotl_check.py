@@ -24,7 +24,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import command, emit  # noqa: E402
+from _report import emit  # noqa: E402
 from pools import default_data_root  # noqa: E402
 
 from p2d.geometry import AttentionGeometry  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
               "validated": {k: written[k] for k in ("sequence_len", "num_epochs", "learning_rate", "weight_decay")}}
     print(json.dumps(result, indent=1))
     md = "\n".join([
-        f"Command: `{command()}` (axolotl {result['axolotl']}, its pure-Python package; SmolLM2-135M, fp32, CPU).",
+        f"axolotl {result['axolotl']} (its pure-Python package); SmolLM2-135M, fp32.",
         "",
         f"- axolotl's `validate_config` accepts the `axolotl.yaml` that `p2d mine` wrote ({len(rows)} CodeAlpaca rows, "
         f"{len(heads)} ALPS heads).",
