@@ -328,8 +328,11 @@ def main() -> None:
     settings = {"pool": sizes, "data_frac": args.data_frac, "epochs": args.epochs, "eval_n": args.eval_n,
                 "train": TRAIN, "lr": DEFAULT_LR, "heads": {d: str(heads_paths[d]) for d in args.domains}}
     res = read_json(args.results) if args.results.is_file() else {"settings": settings, "selections": {}, "cells": {}}
-    if res["settings"] != settings:
+    # a run of some domains must match the stored settings, and the stored heads of those domains
+    if {**res["settings"], "heads": {d: res["settings"]["heads"].get(d) for d in args.domains}} != settings:
         raise P2DError(f"{args.results} was made with other settings; use another --results")
+    settings["heads"] = res["settings"]["heads"] | settings["heads"]
+    res["settings"] = settings
     res["domains"], res["epochs"] = sorted(set(res.get("domains", [])) | set(args.domains)), args.epochs
 
     pool_rows, targets, held = build(root, sizes, args.eval_n)
