@@ -367,7 +367,7 @@ def main() -> None:
             res["selections"][f"{d}/random-tok-s{s}"] = {"ids": random_ids(ids, count, s, pool_tokens, p2d_tokens),
                                                          "seconds": 0.0}
     res["composition"] = {d: {k.split("/", 1)[1]: dict(Counter(label[i] for i in v["ids"]))
-                              for k, v in res["selections"].items() if k.startswith(d + "/")} for d in args.domains}
+                              for k, v in res["selections"].items() if k.startswith(d + "/")} for d in res["domains"]}
     write_json(args.results, res)
     del model
 
