@@ -63,15 +63,20 @@ def test_failed_attempt_is_kept_for_the_resume(tmp_path):
 
 def test_each_stage_reports_its_own_peak_memory(tmp_path):
     """A small stage after a large one reports its own peak, not the process's (on Linux, where VmHWM resets)."""
-    import numpy as np
+    import mmap
+
     import pytest
 
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs")
     ledger = Ledger(tmp_path / "ledger.json")
     with ledger.stage("proxy"):
-        big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
-        del big
+        # 400 MiB of fresh pages, touched: an anonymous mapping, so no allocator can serve it from memory
+        # an earlier test left resident (which would not raise the resident set at all)
+        big = mmap.mmap(-1, 400 * 2**20)
+        for offset in range(0, len(big), mmap.PAGESIZE):
+            big[offset] = 1
+        big.close()
     with ledger.stage("mine"):
         pass
     peak = {k: v.peak_memory_bytes for k, v in ledger.stages.items()}
