@@ -9,18 +9,16 @@ one place; a field without help is a library setting, not an option.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from p2d import P2DError
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence[str] | None = None, flag: str | None = None,
-           factory: Callable[[], Any] | None = None) -> Any:
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence[str] | None = None,
+           flag: str | None = None) -> Any:
     """A dataclass field that is also an option of the commands that expose its config (no default: required)."""
     meta = {"help": help} | ({"choices": tuple(choices)} if choices is not None else {}) | ({"flag": flag} if flag else {})
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 

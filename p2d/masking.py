@@ -33,13 +33,14 @@ SCOPE_HELP = {"heads": "only the selected heads' q rows and their KV groups' k/v
               "lc": "heads, given a layer-uniform heads.json", "full": "every weight",
               "no-attn": "every weight outside attention", "lora": "LoRA on q/k/v (--lora-rank)",
               "qkv": "all attention q/k/v"}
-
-
-def scope_help(scopes: tuple[str, ...]) -> str:
-    return "; ".join(f"{s}: {SCOPE_HELP[s]}" for s in scopes) + "."
 # p2d's exact delta format, beside the peft LoRA adapter (adapter_config.json, p2d/peft_adapter.py)
 ADAPTER_WEIGHTS = "p2d_adapter.safetensors"
 ADAPTER_CONFIG = "p2d_adapter.json"
+
+
+def scope_help(scopes: tuple[str, ...]) -> str:
+    """--scope's help text for the scopes a command takes."""
+    return "; ".join(f"{s}: {SCOPE_HELP[s]}" for s in scopes) + "."
 
 
 class HeadDeltaLinear(nn.Module):

@@ -376,12 +376,17 @@ def _observed_path():
     return cache_dir() / "observed_rates.json"
 
 
-def observed(shape: Shape, cfg: PlanConfig, bf16_mine: bool) -> dict[str, list[float]]:
-    """Each stage's rates (FLOP/s) observed in earlier runs of this model on this machine."""
+def _seen() -> dict[str, list]:
+    """The kept observations: key -> [[what ran, rate], ...]."""
     from p2d.io import read_json
 
     path = _observed_path()
-    seen = read_json(path) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
+
+
+def observed(shape: Shape, cfg: PlanConfig, bf16_mine: bool) -> dict[str, list[float]]:
+    """Each stage's rates (FLOP/s) observed in earlier runs of this model on this machine."""
+    seen = _seen()
     return {stage: [rate for _, rate in seen.get(key, []) if rate > 0]
             for stage, key in _observation_keys(shape, cfg, bf16_mine).items()}
 
@@ -390,17 +395,15 @@ def observe(shape: Shape, cfg: PlanConfig, bf16_mine: bool, runs: dict[str, tupl
     """Keep each stage's achieved rate: `runs` maps a stage to (what it was: its run directory and cache
     fingerprint, FLOPs, seconds). One already kept is not counted again (a reused stage is the same
     observation); a stage that computed nothing (a given task model: no proxy) is no rate."""
-    from p2d.io import read_json, write_json
+    from p2d.io import write_json
 
-    path = _observed_path()
-    seen = read_json(path) if path.is_file() else {}
+    seen = _seen()
     for stage, key in _observation_keys(shape, cfg, bf16_mine).items():
-        if stage not in runs or runs[stage][1] <= 0 or runs[stage][2] <= 0:
-            continue
-        fp, flops, seconds = runs[stage]
-        kept = [entry for entry in seen.get(key, []) if entry[0] != fp]
-        seen[key] = (kept + [[fp, flops / seconds]])[-OBSERVED_RUNS:]
-    write_json(path, seen)
+        what, flops, seconds = runs.get(stage, ("", 0, 0))
+        if flops > 0 and seconds > 0:
+            kept = [entry for entry in seen.get(key, []) if entry[0] != what]
+            seen[key] = (kept + [[what, flops / seconds]])[-OBSERVED_RUNS:]
+    write_json(_observed_path(), seen)
 
 
 def scan(tokens: PackedTokens) -> Lengths:

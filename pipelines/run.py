@@ -31,7 +31,7 @@ from p2d.pipelines.plan import scan_pool
 from p2d.pipelines.reference import ReferenceRunConfig, reference_cost
 from p2d.pipelines.stages import Stage, fingerprint
 from p2d.pipelines.train import TrainRunConfig, default_loop, default_lr, train_model
-from p2d.plan import OBSERVED_STAGES, PlanConfig, make_plan, observe, plan_table, stage_flops
+from p2d.plan import PlanConfig, make_plan, observe, plan_table, stage_flops
 from p2d.proxy import ProxyConfig
 from p2d.reference import ReferenceConfig
 from p2d.selection import read_heads_json
@@ -176,8 +176,9 @@ def run_options() -> dict[str, tuple[str, str]]:
     """
     cfg = RunConfig()
     table = {f.name: ("run", f.name) for f in option_fields(cfg)}
-    for part, config in cfg.parts().items():
-        for f in option_fields(config) if part != "run" else ():
+    stages = {part: config for part, config in cfg.parts().items() if part != "run"}
+    for part, config in stages.items():
+        for f in option_fields(config):
             if f.name in table and table[f.name][0] == "run" or f.name in NOT_RUN_OPTIONS.get(part, ()):
                 continue
             name = flag(config, f.name).removeprefix("--").replace("-", "_")
@@ -380,11 +381,9 @@ def _observe_rates(report: dict, stages: dict, cfg: RunConfig, model_cfg, mined:
     plan models one), nor for training and the reference under --max-steps (their FLOPs count epochs)."""
     if world > 1:
         return
-    names = [n for n in OBSERVED_STAGES if n in report["stages"]
-             and not (cfg.train.train.max_steps is not None and n == "train")]
-    ran = {n: report["stages"][n] for n in names}
+    ran = {n: report["stages"][n] for n in ("proxy", "mine")}
     if cfg.train.train.max_steps is None:
-        ran["reference"] = report["reference"]
+        ran |= {"train": report["stages"]["train"], "reference": report["reference"]}
     try:
         observe(Shape.from_config(model_cfg), cfg.plan_config(), mined.get("mining_dtype") == "bfloat16",
                 {n: (f"{run_dir}:{stages[n].fingerprint}", s["flops"], s["seconds"]) for n, s in ran.items()})
