@@ -68,7 +68,7 @@ def main() -> None:
     ratios = [r["÷ measured"] for r in rows]
     within = sum(abs(x - 1) <= 0.10 for x in ratios)
     md = "\n".join([
-        f"`p2d.reference.estimate_reference` ({args.steps} timed steps of the real plan after one warm-up, fit "
+        f"`p2d.reference.estimate_reference` ({args.steps} timed steps of the real plan, each after an untimed run of it, fit "
         f"a + b·positions + c·Σrows·width², summed over the plan) against a measured full-parameter epoch of the same "
         f"{len(data)} rows of the mixed pool (batch {cfg.batch_size}, max length {cfg.max_length}, {cfg.epochs} epoch), "
         f"estimate and epoch interleaved in one process, {args.repeats} repeats.",
