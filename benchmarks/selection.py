@@ -17,7 +17,8 @@ until session 5), `p2d-div` (`--diversity facility`: the same scores, then facil
 the top 2x; read off the p2d run), `p2d-divq` (`--diversity facility-quality`, **the default**:
 the same without the shortlist's worst third by IFD), `p2d-divq-w16` (the default, mined with
 `--mining-window 16`: each sample's prompt and first 16 response tokens, ~0.6 of the tokens),
-`p2d-divq-bf16` (the default, its pool pass in bfloat16: `--mining-dtype bfloat16`), `p2d-paper` (the same ALPS-head affinity, no
+`p2d-divq-bf16` (the default, its pool pass in bfloat16: `--mining-dtype bfloat16`), `p2d-divq-bf16-w32` (both,
+with a 32-token window), `p2d-paper` (the same ALPS-head affinity, no
 quality signal: read off the p2d run, which computes exactly it), `rds`, `ifd`, and `random` (3
 seeds). `random-tok` draws random rows until it holds as many tokens as the default subset (the
 equal-token comparison).
@@ -69,10 +70,11 @@ PROXY_ROWS = 64  # `p2d localize` trains its proxy on the first 64 rows of the c
 POOL = dict(codealpaca=250, stdlib=100, gsm8k=250, generated=100, general=200, corrupt_code=50, corrupt_math=50)
 QUICK_POOL = dict(codealpaca=10, stdlib=4, gsm8k=10, generated=4, general=8, corrupt_code=2, corrupt_math=2)
 IN_DOMAIN = {"code": ("codealpaca", "stdlib"), "math": ("gsm8k", "generated")}
-SELECTIONS = ("p2d", "p2d-div", "p2d-divq", "p2d-divq-w16", "p2d-divq-bf16", "p2d-paper", "rds", "ifd", "random",
-              "random-tok")
+# the default mined with another precision or window: name -> (model dtype or None for fp32, response tokens read)
+VARIANTS = {"p2d-divq-w16": (None, 16),  # issue #10's profile kept precision at 8-16 response tokens
+            "p2d-divq-bf16": (torch.bfloat16, None), "p2d-divq-bf16-w32": (torch.bfloat16, 32)}
+SELECTIONS = ("p2d", "p2d-div", "p2d-divq", *VARIANTS, "p2d-paper", "rds", "ifd", "random", "random-tok")
 MINED = tuple(s for s in SELECTIONS if not s.startswith("random"))
-WINDOW = 16  # the mining window of p2d-divq-w16: issue #10's profile kept precision at 8-16 response tokens
 DEFAULT = "p2d-divq"  # what `p2d mine` selects at its defaults (--diversity facility-quality)
 DEFAULT_CELLS = ["p2d/heads", "random/heads", "rds/heads", "p2d-div/heads", "p2d-divq/heads", "p2d-paper/heads",
                  "random-tok/heads", "p2d-divq/full",
@@ -175,18 +177,15 @@ def mine_selections(domain: str, model, tok, pool: list[Example], target: list[E
         _, sel = select(res.ids, diversify(res.ids, res.score, res.features, math.ceil(frac * len(pool)), excluded),
                         frac)
         out["p2d-divq"] = {"ids": _ids(res.ids, sel), "seconds": out["p2d"]["seconds"] + time.perf_counter() - t0}
-    if "p2d-divq-bf16" in todo:  # `p2d mine --mining-dtype bfloat16` at its defaults: the pool pass in bf16
+    for name in [n for n in VARIANTS if n in todo]:  # `p2d mine --mining-dtype D --mining-window W`, else defaults
+        dtype, window = VARIANTS[name]
         t0 = time.perf_counter()
-        r = mine(copy.deepcopy(model).to(torch.bfloat16), pool_t, target_t, selector="p2d", heads=heads,
-                 quality=cfg.quality, diversity=cfg.diversity,
-                 task_model=copy.deepcopy(task_model).to(torch.bfloat16) if task_model is not None else None, **kw)
-        out["p2d-divq-bf16"] = {"ids": _ids(r.ids, r.selected), "seconds": time.perf_counter() - t0}
-    if "p2d-divq-w16" in todo:  # `p2d mine --mining-window 16` at its defaults (facility-quality)
-        t0 = time.perf_counter()
-        r = mine(model, tokenize(pool, tok, cfg.max_length, window=WINDOW),
-                 tokenize(target, tok, cfg.max_length, window=WINDOW), selector="p2d", heads=heads,
-                 quality=cfg.quality, task_model=task_model, diversity=cfg.diversity, **kw)
-        out["p2d-divq-w16"] = {"ids": _ids(r.ids, r.selected), "seconds": time.perf_counter() - t0}
+        m, tm = (model, task_model) if dtype is None else (
+            copy.deepcopy(model).to(dtype), task_model and copy.deepcopy(task_model).to(dtype))
+        r = mine(m, tokenize(pool, tok, cfg.max_length, window=window) if window else pool_t,
+                 tokenize(target, tok, cfg.max_length, window=window) if window else target_t, selector="p2d",
+                 heads=heads, quality=cfg.quality, task_model=tm, diversity=cfg.diversity, **kw)
+        out[name] = {"ids": _ids(r.ids, r.selected), "seconds": time.perf_counter() - t0}
     for name in [n for n in ("rds", "ifd") if n in todo]:  # rds/ifd pool features are the same for every domain
         t0 = time.perf_counter()
         r = mine(model, pool_t, target_t, selector=name, store_dir=store / name, **kw)
