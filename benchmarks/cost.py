@@ -9,7 +9,8 @@ the 1,200-row mixed pool of benchmarks/pools.py (real CodeAlpaca, GSM8K, Alpaca,
 swapped-answer code rows) for held-out CodeAlpaca or GSM8K targets, with the proxy on the same
 real dataset. `fast-code` is `real-code` with the cheapest mining p2d offers (discriminative heads
 from layers 0-9, early stop, no quality signal). `real-code-fp32` is `real-code` mining in fp32 (the default
-`--mining-dtype auto` mines in bf16 where the hardware has it). `real-code-e1` / `-e3` train real-code's subset for 1 or 3
+`--mining-dtype auto` mines in bf16 where the hardware has it); `real-code-w32` is `real-code` with
+`--mining-window 32`. `real-code-e1` / `-e3` train real-code's subset for 1 or 3
 epochs against a reference of as many epochs, reusing its earlier stages. Run directories are reused, so a
 finished configuration costs nothing to report again; pass --fresh to time it anew.
 
@@ -42,6 +43,8 @@ CONFIGS = {
     "fast-code": dict(domain="code", real=True, mining_heads="discriminative", mining_max_layer=9, quality="none"),
     # real-code with its pool pass in fp32: on a CPU with native bf16, what `--mining-dtype auto` saves
     "real-code-fp32": dict(domain="code", real=True, mining_dtype="float32"),
+    # real-code reading each sample's prompt and only its first 32 response tokens when mining
+    "real-code-w32": dict(domain="code", real=True, mining_window=32),
     # the same run trained for 1 or 3 epochs (the reference counts as many): proxy, localize and mine are
     # reused from real-code's directory with the cost they had there
     "real-code-e1": dict(domain="code", real=True, epochs=1, base="real-code"),
