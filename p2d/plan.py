@@ -3,7 +3,8 @@
 Nothing is loaded but the model's config (any size: an 8B or 70B config.json plans in seconds) and
 the pool's token lengths. FLOPs come from p2d.flops and are exact for what p2d runs; seconds divide
 them by a throughput: measured once on this machine (a random-init model of SmolLM2-135M's shape,
-a few forward passes and full training steps, cached in $P2D_CACHE/calibration.json), or a named
+a few forward passes and full training steps, cached in $P2D_CACHE/calibration.json unless other
+processes held the CPUs meanwhile), or a named
 GPU's dense bf16 peak times an MFU the output states. After a `p2d run`, each stage's achieved rate
 (its FLOPs over its seconds, overheads included) is kept per machine, model shape and stage variant
 (`observe`), and later plans of that model here divide by the median of those instead: a short
@@ -36,6 +37,9 @@ CALIBRATION_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_lay
 STAGES = ("proxy", "localize", "mine", "train", "reference")
 CALIBRATION_VERSION = 4  # part of the cache key: a changed measurement is taken again
 CALIBRATION_ROUNDS = 3
+# a calibration during which other processes kept more than this share of the CPUs busy is not cached:
+# it measured the machine's leftovers, and a cached rate would mis-plan every later run
+CONTENDED_SHARE = 0.25
 OBSERVED_RUNS = 5  # a stage's planned rate: the median of its last runs of this model on this machine
 OBSERVED_STAGES = ("proxy", "mine", "train", "reference")
 SPARSE_SCOPES = ("heads", *HEAD_ALIASES)  # trained at the head-sparse rate: per FLOP cheaper than full training
@@ -281,6 +285,7 @@ def calibrate(force: bool = False) -> dict:
     with torch.inference_mode():  # warm-up: the first pass of each kind allocates
         for m in forwards.values():
             forward_token_nll(m, enc)
+    start = cpu_seconds(), time.perf_counter()
     for _ in range(CALIBRATION_ROUNDS):
         for name, m in forwards.items():
             with torch.inference_mode():
@@ -293,11 +298,34 @@ def calibrate(force: bool = False) -> dict:
                 time_steps(m, data, 0, TrainConfig(batch_size=rows, lr=1e-5), [[list(range(rows))]] * 3)[1:])
     flops = {name: fwd_flops for name in forwards} | {name: step for name, (_, step) in trainers.items()}
     result = {f"{name}_flops_per_s": flops[name] / float(np.median(t)) for name, t in times.items()}
+    others = others_share(start, (cpu_seconds(), time.perf_counter()))
     result["method"] = (f"measured on {key}: SmolLM2-135M-shaped model, forward 32x128 (fp32"
                         + (" and bf16" if "bf16_forward" in forwards else "") + "), training steps 4x256 "
                         f"(all weights, and 10% of heads), {CALIBRATION_ROUNDS} interleaved rounds, medians")
-    write_json(path, cached | {key: result})
+    result["others_cpu_share"] = round(others, 3)
+    if others > CONTENDED_SHARE:
+        result["method"] += (f"; other processes kept {others:.0%} of the CPUs busy meanwhile, so these rates are "
+                             "low: not cached, measured again by the next plan")
+    else:
+        write_json(path, cached | {key: result})
     return result
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds all of the machine's CPUs have been busy, hypervisor steal included; CPU seconds of this process)."""
+    import psutil
+
+    t, own = psutil.cpu_times(), psutil.Process().cpu_times()
+    busy = t.user + t.nice + t.system + sum(getattr(t, f, 0.0) for f in ("irq", "softirq", "steal"))
+    return busy, own.user + own.system
+
+
+def others_share(start: tuple[tuple[float, float], float], end: tuple[tuple[float, float], float]) -> float:
+    """The share of the machine's CPU capacity that other processes used between two (cpu_seconds(), wall) readings."""
+    import psutil
+
+    ((busy0, own0), wall0), ((busy1, own1), wall1) = start, end
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / max((wall1 - wall0) * (psutil.cpu_count() or 1), 1e-9)
 
 
 def rates(cfg: PlanConfig) -> dict:

@@ -136,3 +136,28 @@ def test_a_stage_that_computed_nothing_is_no_rate(tmp_path, monkeypatch):
     plan = make_plan(LLAMA_8B, lengths(), cfg)
     assert plan["stages"]["mine"]["seconds"] == pytest.approx(plan["stages"]["mine"]["flops"] / 2e12)  # the median
     assert plan["stages"]["proxy"]["seconds"] == pytest.approx(plan["stages"]["proxy"]["flops"] / 1e11)  # calibration
+
+
+@pytest.mark.parametrize("others", [0.0, 0.9], ids=["quiet", "shared"])
+def test_a_calibration_taken_while_others_use_the_cpu_is_not_cached(monkeypatch, tmp_path, others):
+    """Rates measured while other processes held the CPUs are the machine's leftovers: the plan that
+    took them says so, and the next plan measures again instead of reusing them."""
+    import p2d.plan as plan_mod
+
+    monkeypatch.setenv("P2D_CACHE", str(tmp_path))
+    monkeypatch.setattr(plan_mod, "CALIBRATION_SHAPE", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                            vocab_size=128))
+    import time
+
+    import psutil
+
+    def fake_cpu_seconds():  # other processes keep `others` of every CPU busy; this process uses none
+        return others * time.perf_counter() * psutil.cpu_count(), 0.0
+
+    monkeypatch.setattr(plan_mod, "cpu_seconds", fake_cpu_seconds)
+    rates = plan_mod.calibrate()
+    cached = tmp_path / "calibration.json"
+    assert rates["others_cpu_share"] == pytest.approx(others)
+    assert cached.is_file() == (others == 0.0)
+    assert ("not cached" in rates["method"]) == (others > 0)
